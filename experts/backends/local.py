@@ -1,0 +1,258 @@
+"""transformers + peft backend: one base model in memory, every expert a named LoRA adapter on it.
+
+A call to :meth:`LocalBackend.generate` runs all (expert, messages) pairs in **one
+mixed-adapter batch** (peft's ``adapter_names=``): rows are left-padded to a common
+length, each row is routed through its own adapter, ``__base__`` rows through none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from experts.backends.base import Generation, GenerationConfig
+from experts.models import BaseModel, load_base
+from experts.prompts import Message
+from experts.registry import BASE_EXPERT, BaseSpec, ExpertSpec
+from expertmix.errors import AdapterError, InputError, UnknownExpert
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LocalBackend", "validate_adapter_dir"]
+
+logger = logging.getLogger(__name__)
+
+
+def validate_adapter_dir(path: Path, *, expert: str) -> dict[str, Any]:
+    """Check a PEFT adapter directory and return its ``adapter_config.json``."""
+    if not path.is_dir():
+        raise AdapterError(f"expert {expert!r}: adapter directory {path} does not exist", expert=expert)
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise AdapterError(f"expert {expert!r}: {path} has no adapter_config.json (not a PEFT adapter)", expert=expert)
+    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise AdapterError(f"expert {expert!r}: {path} has no adapter_model.safetensors", expert=expert)
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"expert {expert!r}: {cfg_path} is not valid JSON: {exc}", expert=expert) from exc
+    if cfg.get("peft_type") not in ("LORA", None):
+        raise AdapterError(f"expert {expert!r}: only LoRA adapters are supported, got {cfg.get('peft_type')}", expert=expert)
+    return cfg
+
+
+class LocalBackend:
+    """Experts as LoRA adapters on one shared, locally loaded base model. Thread-safe."""
+
+    local_weights = True
+
+    def __init__(self, base: BaseModel, experts: Sequence[ExpertSpec] = ()) -> None:
+        self.base = base
+        self._lock = threading.RLock()
+        self._specs = {e.name: e for e in experts if e.backend == "local"}
+        self.model: Any = base.model
+        self.tokenizer = base.tokenizer
+        self._peft = False
+        for spec in self._specs.values():
+            self._load_adapter(spec)
+        from experts.backends.merged import MergedAdapterCache
+
+        self.merged = MergedAdapterCache(self)
+
+    @classmethod
+    def from_specs(cls, base: BaseSpec, experts: Sequence[ExpertSpec] = ()) -> LocalBackend:
+        return cls(load_base(base.model, device=base.device, dtype=base.dtype), experts)
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def _load_adapter(self, spec: ExpertSpec) -> None:
+        assert spec.adapter is not None
+        validate_adapter_dir(spec.adapter, expert=spec.name)
+        try:
+            if not self._peft:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(
+                    self.base.model, str(spec.adapter), adapter_name=spec.name, is_trainable=False
+                )
+                self._peft = True
+            else:
+                self.model.load_adapter(str(spec.adapter), adapter_name=spec.name, is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            msg = str(exc).splitlines()[0][:300]
+            raise AdapterError(
+                f"expert {spec.name!r}: adapter {spec.adapter} does not fit base model {self.base.name} "
+                f"(trained for another base? {msg})",
+                expert=spec.name,
+            ) from exc
+        self.model.eval()
+
+    def add_expert(self, spec: ExpertSpec) -> None:
+        """Load one more adapter onto the shared base (e.g. after training)."""
+        with self._lock:
+            self._load_adapter(spec)
+            self._specs[spec.name] = spec
+
+    def expert_names(self) -> list[str]:
+        return list(self._specs)
+
+    def check_expert(self, name: str) -> None:
+        if name != BASE_EXPERT and name not in self._specs and not self.merged.owns(name):
+            known = ", ".join([*self._specs, BASE_EXPERT])
+            raise UnknownExpert(f"unknown expert {name!r}; loaded: {known}", expert=name)
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def encode_prompt(self, messages: list[Message]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        ctx = self.base.context_length
+        if n_prompt + max_new_tokens > ctx:
+            raise InputError(
+                f"prompt is {n_prompt} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                f"{ctx}-token context window of {self.base.name}; shorten the query"
+            )
+
+    def batch_inputs(self, prompts: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token lists into ``(input_ids, attention_mask)`` on the model's device."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        dev = self.base.device
+        return ids.to(dev), mask.to(dev)
+
+    def generate_kwargs(self, config: GenerationConfig) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "max_new_tokens": config.max_new_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if config.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0)
+        if config.stop:
+            kw.update(stop_strings=list(config.stop), tokenizer=self.tokenizer)
+        return kw
+
+    def _decode(self, row: list[int], config: GenerationConfig) -> tuple[str, int, str]:
+        eos = set(self._eos_ids())
+        n = 0
+        finish = "length"
+        for t in row:
+            if t in eos:
+                finish = "stop"
+                break
+            n += 1
+        text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+        for s in config.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        return text.strip(), n, finish
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        return [i for i in [*ids, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id] if i is not None]
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig) -> list[Generation]:
+        """Generate for every (expert, messages) pair in one mixed-adapter batch."""
+        import torch
+
+        if not requests:
+            return []
+        for name, _ in requests:
+            self.check_expert(name)
+        prompts = [self.encode_prompt(m) for _, m in requests]
+        for p in prompts:
+            self._check_length(len(p), config.max_new_tokens)
+        ids, mask = self.batch_inputs(prompts)
+        kw = self.generate_kwargs(config)
+        if self._peft:
+            kw["adapter_names"] = [name for name, _ in requests]
+        t0 = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            if config.seed is not None:
+                torch.manual_seed(config.seed)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
+        latency = time.perf_counter() - t0
+        new = out[:, ids.shape[1] :].tolist()
+        gens = []
+        for (name, _), p, row in zip(requests, prompts, new):
+            text, n, finish = self._decode(row, config)
+            gens.append(Generation(name, text, n, latency, prompt_tokens=len(p), finish_reason=finish))
+        return gens
+
+    def stream(self, expert: str, messages: list[Message], config: GenerationConfig) -> Iterator[str]:
+        """Yield text chunks of one expert's answer as they are decoded."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        self.check_expert(expert)
+        prompt = self.encode_prompt(messages)
+        self._check_length(len(prompt), config.max_new_tokens)
+        ids, mask = self.batch_inputs([prompt])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kw = self.generate_kwargs(config)
+        if self._peft:
+            kw["adapter_names"] = [expert]
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    if config.seed is not None:
+                        torch.manual_seed(config.seed)
+                    self.model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kw)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name=f"expertmix-stream-{expert}", daemon=True)
+        thread.start()
+        try:
+            for chunk in streamer:
+                if chunk:
+                    yield chunk
+        finally:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    # -- scoring (benchmarks, tests) ----------------------------------------------------------------
+    def score_nll(self, expert: str, messages: list[Message], response: str) -> tuple[float, int]:
+        """Sum of negative log-likelihood of ``response`` tokens after the prompt, and their count."""
+        import torch
+
+        self.check_expert(expert)
+        prompt = self.encode_prompt(messages)
+        full = self.encode_prompt([*messages, {"role": "assistant", "content": response}])
+        # the chat template appends the assistant turn after the generation prompt
+        target = full[len(prompt) :]
+        ids = torch.tensor([prompt + target], device=self.base.device)
+        kw: dict[str, Any] = {}
+        if self._peft:
+            kw["adapter_names"] = [expert]
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=ids, **kw).logits[0, len(prompt) - 1 : -1].float()
+        tgt = ids[0, len(prompt) :]
+        nll = torch.nn.functional.cross_entropy(logits, tgt, reduction="sum")
+        return float(nll), int(tgt.numel())
+
+    def close(self) -> None:
+        pass

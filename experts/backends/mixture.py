@@ -1,0 +1,92 @@
+"""Token-level mixture decoding: p(t) = Σ wᵢ·pᵢ(t) over several adapters, one forward pass per step.
+
+The prompt is repeated once per selected adapter and decoded as one mixed-adapter
+batch through transformers' own ``generate`` loop (KV cache included). A logits
+processor replaces every row's scores with the log of the weighted mixture and then
+picks the next token itself (argmax, or a sample from the mixture), so all rows emit
+the same token and stay in lockstep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from experts.backends.base import Generation, GenerationConfig
+from experts.prompts import Message
+from expertmix.errors import StrategyError
+
+if TYPE_CHECKING:
+    import torch
+
+    from experts.backends.local import LocalBackend
+
+__all__ = ["mixture_generate"]
+
+
+def _processor(weights: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Any:
+    import torch
+
+    def mix(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float(), dim=-1)  # (n_adapters, vocab)
+        mixed = torch.logsumexp(logp + torch.log(weights)[:, None], dim=0)  # log Σ wᵢ pᵢ
+        if config.greedy:
+            token = int(torch.argmax(mixed))
+        else:
+            probs = torch.softmax(mixed / config.temperature, dim=-1)
+            if config.top_p < 1:
+                sorted_p, idx = torch.sort(probs, descending=True)
+                keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < config.top_p
+                probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+                probs = probs / probs.sum()
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        out = torch.full_like(scores, float("-inf"))
+        out[:, token] = 0.0
+        return out
+
+    return mix
+
+
+def mixture_generate(
+    backend: LocalBackend,
+    messages: list[Message],
+    weights: Mapping[str, float],
+    config: GenerationConfig,
+) -> Generation:
+    """Decode one answer from the weighted token-level mixture of the given experts."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    items = [(n, float(w)) for n, w in weights.items() if w > 0]
+    if not items:
+        raise StrategyError("mixture needs at least one positive weight")
+    for n, _ in items:
+        backend.check_expert(n)
+    total = sum(w for _, w in items)
+    w = torch.tensor([x / total for _, x in items], device=backend.base.device)
+    prompt = backend.encode_prompt(messages)
+    backend._check_length(len(prompt), config.max_new_tokens)
+    ids, mask = backend.batch_inputs([prompt] * len(items))
+    kw = backend.generate_kwargs(GenerationConfig(max_new_tokens=config.max_new_tokens, stop=config.stop))
+    if backend._peft:
+        kw["adapter_names"] = [n for n, _ in items]
+    gen = None
+    if config.seed is not None:
+        gen = torch.Generator(device=backend.base.device).manual_seed(config.seed)
+    kw["logits_processor"] = LogitsProcessorList([_processor(w, config, gen)])
+    t0 = time.perf_counter()
+    with backend._lock, torch.inference_mode():
+        out = backend.model.generate(input_ids=ids, attention_mask=mask, **kw)
+    latency = time.perf_counter() - t0
+    row = out[0, ids.shape[1] :].tolist()
+    text, n, finish = backend._decode(row, config)
+    return Generation(
+        "+".join(n for n, _ in items),
+        text,
+        n,
+        latency,
+        prompt_tokens=len(prompt),
+        finish_reason=finish,
+        extra={"weights": {n: x / total for n, x in items}},
+    )

@@ -1,0 +1,232 @@
+"""CLI commands for the router: ``router train|eval|promote|versions`` and ``route``.
+
+``register(app)`` adds them to the main typer app. Heavy imports happen inside commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from expertmix.errors import ExpertmixError
+
+__all__ = ["register"]
+
+TextField = Annotated[str, typer.Option("--text-field", help="Field (column) holding the text.")]
+LabelField = Annotated[str, typer.Option("--label-field", help="Field (column) holding the label.")]
+OodLabel = Annotated[
+    Optional[str], typer.Option("--ood-label", help="Label value marking out-of-domain rows, e.g. oos.")
+]
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """One line on stderr and exit 1 for our errors; no traceback."""
+    try:
+        yield
+    except ExpertmixError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (FileExistsError, FileNotFoundError, PermissionError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("n/a" if v is None else str(v))
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    from router_training.evaluate import METRIC_KEYS
+
+    for key in METRIC_KEYS:
+        if key in metrics:
+            typer.echo(f"  {key:<18} {_fmt(metrics[key])}")
+
+
+def train(
+    data: Annotated[Path, typer.Argument(help="Labeled training data (.jsonl or .csv).")],
+    val: Annotated[Optional[Path], typer.Option(help="Labeled validation data (calibration, threshold).")] = None,
+    ood: Annotated[Optional[Path], typer.Option(help="Off-topic texts used to fit the abstain rule.")] = None,
+    ood_val: Annotated[Optional[Path], typer.Option(help="Held-out off-topic texts for the threshold.")] = None,
+    ood_label: OodLabel = None,
+    text_field: TextField = "text",
+    label_field: LabelField = "label",
+    out: Annotated[Optional[Path], typer.Option(help="Router store to add a version to.")] = None,
+    artifact_dir: Annotated[
+        Optional[Path], typer.Option(help="Write one plain artifact directory here instead of a store version.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --artifact-dir.")] = False,
+    estimator: Annotated[str, typer.Option(help="logreg, linear_svm, ridge or centroid.")] = "logreg",
+    max_false_reject: Annotated[float, typer.Option(help="Share of in-domain rows the abstain rule may reject.")] = 0.03,
+    augment: Annotated[int, typer.Option(help="Conversational copies per training text (0 = off).")] = 1,
+    embedding_model: Annotated[
+        Optional[str], typer.Option(help="sentence-transformers model directory (default: bundled MiniLM).")
+    ] = None,
+    min_per_label: Annotated[int, typer.Option(help="Minimum rows per label.")] = 5,
+) -> None:
+    """Train a router and write it as a new version (the first version becomes current)."""
+    with _errors():
+        from router_training.data import DataConfig
+        from router_training.embed import EmbedConfig
+        from router_training.train import TrainConfig, train_and_save
+
+        path, metrics = train_and_save(
+            str(data),
+            val=str(val) if val else None,
+            ood=str(ood) if ood else None,
+            ood_val=str(ood_val) if ood_val else None,
+            data_config=DataConfig(
+                text_field=text_field, label_field=label_field, ood_label=ood_label, min_per_label=min_per_label
+            ),
+            train_config=TrainConfig(estimator=estimator, max_false_reject=max_false_reject, augment=augment),
+            embed_config=EmbedConfig(model=embedding_model),
+            store=str(out) if out else None,
+            artifact_dir=str(artifact_dir) if artifact_dir else None,
+            overwrite=overwrite,
+            progress=True,
+        )
+        typer.echo(f"wrote {path}")
+        _print_metrics(metrics)
+
+
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Labeled evaluation data (.jsonl or .csv).")],
+    router: Annotated[Optional[Path], typer.Option(help="Artifact or store (default: current).")] = None,
+    ood: Annotated[Optional[Path], typer.Option(help="Extra off-topic texts.")] = None,
+    ood_label: OodLabel = None,
+    text_field: TextField = "text",
+    label_field: LabelField = "label",
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write report.json/.md/confusion_matrix.png here.")] = None,
+) -> None:
+    """Evaluate a router on labeled data (accuracy, macro-F1, calibration, OOD)."""
+    with _errors():
+        metrics, labels = _evaluate_files(router, data, ood, ood_label, text_field, label_field)
+        if report is not None:
+            from router_training.evaluate import write_report
+
+            write_report(report, metrics, labels)
+        if as_json:
+            typer.echo(json.dumps(metrics, indent=2))
+        else:
+            typer.echo(f"router eval on {data}")
+            _print_metrics(metrics)
+
+
+def _evaluate_files(
+    router_path: Path | None,
+    data: Path,
+    ood: Path | None,
+    ood_label: str | None,
+    text_field: str,
+    label_field: str,
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    import numpy as np
+
+    from orchestrator.routing import Router
+    from router_training.data import DataConfig, load_labeled, load_texts
+    from router_training.evaluate import evaluate_arrays
+
+    r = Router.load(router_path, warm=False)
+    d = load_labeled(
+        data,
+        DataConfig(text_field=text_field, label_field=label_field, ood_label=ood_label),
+        allowed_labels=r.labels,
+        require_classes=False,
+    )
+    ood_texts = list(d.ood_texts) + (load_texts(ood, text_field=text_field) if ood else [])
+    index = {lab: i for i, lab in enumerate(r.labels)}
+    x = r.encoder.encode(d.texts, progress=True)
+    ox = r.encoder.encode(ood_texts, progress=True) if ood_texts else None
+    y = np.array([index[lab] for lab in d.labels], dtype=int)
+    return evaluate_arrays(r.model, x, y, d.texts, ood_x=ox), r.labels
+
+
+def promote(
+    version: Annotated[str, typer.Argument(help="Version to make current, e.g. v0002.")],
+    store: Annotated[Optional[Path], typer.Option(help="Router store (default: expertmix home).")] = None,
+    force: Annotated[bool, typer.Option(help="Promote even if it scores worse.")] = False,
+    data: Annotated[Optional[Path], typer.Option(help="Compare both routers on this labeled file.")] = None,
+    ood_label: OodLabel = None,
+    text_field: TextField = "text",
+    label_field: LabelField = "label",
+) -> None:
+    """Make VERSION current, atomically; refuses one that scores worse unless --force."""
+    with _errors():
+        from router_training.artifact import RouterStore
+
+        score: Callable[[Path], float] | None = None
+        if data is not None:
+
+            def score(p: Path) -> float:
+                m, _ = _evaluate_files(p, data, None, ood_label, text_field, label_field)
+                return float(m["macro_f1"])
+
+        typer.echo(RouterStore(store).promote(version, force=force, score=score))
+
+
+def versions(
+    store: Annotated[Optional[Path], typer.Option(help="Router store (default: expertmix home).")] = None,
+) -> None:
+    """List the versions in a store; * marks the current one."""
+    with _errors():
+        from router_training.artifact import RouterStore
+
+        st = RouterStore(store)
+        cur = st.current()
+        for v in st.versions():
+            meta = json.loads((st.root / v / "router.json").read_text("utf-8"))
+            m = meta.get("metrics", {})
+            typer.echo(f"{'*' if v == cur else ' '} {v}  macro_f1={_fmt(m.get('macro_f1'))}  labels={meta['labels']}")
+
+
+def route(
+    question: Annotated[str, typer.Argument(help="The query to route.")],
+    k: Annotated[int, typer.Option("--k", min=1, help="How many experts to keep.")] = 2,
+    router: Annotated[Optional[Path], typer.Option(help="Artifact or store (default: current).")] = None,
+    min_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="Drop experts below this weight.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the routing as JSON.")] = False,
+) -> None:
+    """Show which experts a question goes to, with weights and probabilities."""
+    with _errors():
+        from orchestrator.routing import Router
+
+        r = Router.load(router).route(question, k=k, min_weight=min_weight)
+        if as_json:
+            typer.echo(json.dumps({"query": question, **r.to_dict()}, indent=2))
+            return
+        for e in r.experts:
+            typer.echo(f"{e.name:<14} {e.weight:6.1%}")
+        if r.abstained:
+            typer.echo(f"abstained: {r.reason} → base model")
+        probs = ", ".join(f"{n}={p:.3f}" for n, p in sorted(r.probabilities.items(), key=lambda kv: -kv[1]))
+        typer.echo(f"probabilities: {probs}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``router`` command group and the top-level ``route`` command to ``app``."""
+    group = typer.Typer(help="Train, evaluate and promote routers.", no_args_is_help=True)
+    group.command("train")(train)
+    group.command("eval")(evaluate)
+    group.command("promote")(promote)
+    group.command("versions")(versions)
+    app.add_typer(group, name="router")
+    app.command("route")(route)
+
+
+def _main() -> None:  # pragma: no cover - `python -m orchestrator.cli_router` for manual use
+    app = typer.Typer(no_args_is_help=True)
+    register(app)
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()
+    sys.exit(0)

