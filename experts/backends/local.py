@@ -144,6 +144,8 @@ class LocalBackend:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kw.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0)
+        if config.max_time_s is not None:
+            kw["max_time"] = config.max_time_s
         if config.stop:
             kw.update(stop_strings=list(config.stop), tokenizer=self.tokenizer)
         return kw

@@ -1,0 +1,401 @@
+"""httpx client for OpenAI-compatible multi-LoRA servers (vLLM ``--enable-lora``, LoRAX, ``expertmix serve``).
+
+Each expert is addressed by sending ``model = <adapter name>`` (``remote_name`` in the
+config, else the expert's name), exactly as vLLM's ``--lora-modules name=path`` and
+LoRAX expect; ``__base__`` is the server's base model (the parent of the adapters in
+``/v1/models``, or its one root entry).
+
+The client is written once, async (:meth:`OpenAIBackend.agenerate`, :meth:`OpenAIBackend.astream`),
+on one pooled ``httpx.AsyncClient`` that runs on a private event-loop thread; the
+``Backend`` protocol's sync methods are thin wrappers over it. Requests of one call run
+concurrently under a concurrency limit; 5xx, 429 and connection errors are retried with
+exponential backoff within the expert's time budget; error bodies become typed errors:
+
+    ==============================  ===========================================
+    server says                     raised
+    ==============================  ===========================================
+    400 / 422                       InputError (the request itself is bad)
+    401 / 403                       ExpertUnavailable (check ``api_key``)
+    404                             UnknownExpert (the server lacks the adapter)
+    429 / 5xx / connection errors   ExpertUnavailable, after retries
+    no answer within the timeout    ExpertTimeout
+    ==============================  ===========================================
+
+>>> from experts.registry import ExpertSpec                                   # doctest: +SKIP
+>>> b = OpenAIBackend("http://127.0.0.1:8001/v1", [ExpertSpec("finance", backend="openai",
+...                   base_url="http://127.0.0.1:8001/v1")])                  # doctest: +SKIP
+>>> b.generate([("finance", [{"role": "user", "content": "What is EBITDA?"}])], GenerationConfig())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
+
+import httpx
+
+from experts.backends.base import Generation, GenerationConfig
+from experts.prompts import Message
+from experts.registry import BASE_EXPERT, ExpertSpec
+from expertmix.errors import ExpertError, ExpertTimeout, ExpertUnavailable, InputError, UnknownExpert
+
+__all__ = ["OpenAIBackend"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_RETRY_EXC = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.PoolTimeout)
+_END = object()
+
+
+def _error_message(resp: httpx.Response) -> str:
+    """The message of an OpenAI (``{"error": {...}}``) or vLLM (``{"message": ...}``) error body."""
+    try:
+        body = resp.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return resp.text[:300] or resp.reason_phrase
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:500]
+        if isinstance(err, str):
+            return err[:500]
+        if body.get("detail"):
+            return str(body["detail"])[:500]
+    return str(body)[:300]
+
+
+class _Retryable(Exception):
+    """Internal: a failure worth another try (5xx/429/connection), with the typed error to raise at the end."""
+
+    def __init__(self, error: ExpertError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class OpenAIBackend:
+    """Experts served by an OpenAI-compatible server. Thread-safe; one connection pool per instance.
+
+    ``timeout_s`` is the default per-request budget (an expert's ``timeout_s`` overrides it;
+    the orchestrator's ``expert_timeout_s`` arrives as ``GenerationConfig.max_time_s`` and
+    caps both); retries happen inside that budget.
+    """
+
+    local_weights = False
+
+    def __init__(
+        self,
+        base_url: str,
+        experts: Sequence[ExpertSpec],
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 5.0,
+        max_retries: int = 2,
+        backoff_s: float = 0.25,
+        max_concurrency: int = 32,
+        check: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ExpertUnavailable(f"base_url {base_url!r} must start with http:// or https://")
+        self.base_url = base_url.rstrip("/")
+        self.specs = {e.name: e for e in experts}
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self._remote = {e.name: e.remote_name or e.name for e in experts}
+        self._base_model: str | None = None
+        self._closed = False
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="expertmix-openai", daemon=True)
+        self._thread.start()
+        limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+
+        async def make() -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+            client = httpx.AsyncClient(
+                base_url=self.base_url, headers=headers, limits=limits, transport=transport,
+                timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            )
+            return client, asyncio.Semaphore(max_concurrency)
+
+        self._client, self._sem = self._run(make())
+        if check:
+            try:
+                self._run(self.acheck())
+            except ExpertUnavailable as exc:
+                if exc.status_code == 404:
+                    self.close()
+                    raise
+                # A server still starting (vLLM takes ~40 s) must not stop the orchestrator: checked again on use.
+                logger.warning("expert server %s not reachable at start-up (%s); will retry on first use", self.base_url, exc)
+
+    # -- sync facade (the Backend protocol) --------------------------------------------------------
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise ExpertUnavailable(f"backend for {self.base_url} is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def expert_names(self) -> list[str]:
+        return list(self.specs)
+
+    def generate(self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig) -> list[Generation]:
+        """Every (expert, messages) pair concurrently. One request: errors raise; several: a
+        failed row comes back with ``extra["error"]`` (the orchestrator's fault policy reads it)."""
+        return self._run(self.agenerate(requests, config))
+
+    def stream(self, expert: str, messages: list[Message], config: GenerationConfig) -> Iterator[str]:
+        """Yield text chunks of one expert's answer (server-sent events)."""
+        q: queue.Queue[Any] = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for chunk in self.astream(expert, messages, config):
+                    q.put(chunk)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
+                q.put(exc)
+            q.put(_END)
+
+        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while (item := q.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            fut.cancel()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=5)
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            logger.debug("closing http client failed", exc_info=True)
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    # -- async core ---------------------------------------------------------------------------------
+    async def acheck(self) -> list[str]:
+        """``GET /models``: fail naming every configured expert the server lacks; find the base model."""
+        try:
+            resp = await self._client.get("/models", timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise ExpertUnavailable(f"cannot reach {self.base_url}/models: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code != 200:
+            raise self._typed(resp, expert=None, what="GET /models")
+        entries = [m for m in resp.json().get("data", []) if isinstance(m, dict) and "id" in m]
+        ids = [str(m["id"]) for m in entries]
+        missing = [n for n, r in self._remote.items() if r not in ids]
+        if missing:
+            raise ExpertUnavailable(
+                f"{self.base_url} does not serve expert(s) {', '.join(missing)} "
+                f"(model names {', '.join(self._remote[n] for n in missing)}); it serves: {', '.join(ids) or 'nothing'}. "
+                "Start vLLM with --enable-lora --lora-modules NAME=ADAPTER_DIR for each, or set remote_name",
+                expert=missing[0],
+                status_code=404,
+            )
+        parents = {str(m["parent"]) for m in entries if m.get("id") in self._remote.values() and m.get("parent")}
+        roots = [str(m["id"]) for m in entries if not m.get("parent")]
+        if BASE_EXPERT in ids:
+            self._base_model = BASE_EXPERT
+        elif len(parents) == 1:
+            self._base_model = parents.pop()
+        elif len(roots) == 1:
+            self._base_model = roots[0]
+        elif roots:
+            self._base_model = next((r for r in roots if r != "expertmix"), roots[0])
+        return ids
+
+    async def _model_for(self, expert: str) -> str:
+        if expert == BASE_EXPERT:
+            if self._base_model is None:
+                await self.acheck()
+            if self._base_model is None:
+                raise UnknownExpert(f"{self.base_url}/models lists no base model for {BASE_EXPERT!r}", expert=expert)
+            return self._base_model
+        try:
+            return self._remote[expert]
+        except KeyError:
+            known = ", ".join([*self._remote, BASE_EXPERT])
+            raise UnknownExpert(f"unknown expert {expert!r}; this backend serves: {known}", expert=expert) from None
+
+    def _budget(self, expert: str, config: GenerationConfig) -> float:
+        spec = self.specs.get(expert)
+        budget = spec.timeout_s if spec is not None and spec.timeout_s else self.timeout_s
+        return min(budget, config.max_time_s) if config.max_time_s else budget
+
+    @staticmethod
+    def _payload(model: str, messages: list[Message], config: GenerationConfig, *, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": config.max_new_tokens,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "stream": stream,
+        }
+        if config.stop:
+            body["stop"] = list(config.stop)
+        if config.seed is not None:
+            body["seed"] = config.seed
+        return body
+
+    def _typed(self, resp: httpx.Response, *, expert: str | None, what: str) -> ExpertError | InputError:
+        msg = f"{self.base_url} {what}: HTTP {resp.status_code}: {_error_message(resp)}"
+        code = resp.status_code
+        if code in (400, 422):
+            return InputError(msg)
+        if code == 404:
+            return UnknownExpert(msg, expert=expert)
+        if code in (408, 504):
+            return ExpertTimeout(msg, expert=expert)
+        if code in (401, 403):
+            msg += " (check the expert's api_key)"
+        return ExpertUnavailable(msg, expert=expert, status_code=code)
+
+    async def _with_retries(self, expert: str, budget: float, attempt_fn: Any) -> Any:
+        """Run ``attempt_fn(deadline)`` with retries on :class:`_Retryable`, all within ``budget`` seconds."""
+        deadline = time.monotonic() + budget
+        last: ExpertError | None = None
+        for attempt in range(self.max_retries + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                async with self._sem:
+                    return await asyncio.wait_for(attempt_fn(left), timeout=left)
+            except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+                if isinstance(exc, httpx.PoolTimeout):
+                    last = ExpertUnavailable(f"{self.base_url}: connection pool exhausted", expert=expert)
+                    continue
+                raise ExpertTimeout(f"{self.base_url}: no answer within {budget:g} s", expert=expert) from None
+            except _Retryable as exc:
+                last = exc.error
+            except _RETRY_EXC as exc:
+                last = ExpertUnavailable(f"{self.base_url}: {type(exc).__name__}: {exc or 'connection lost'}", expert=expert)
+            if attempt < self.max_retries:
+                delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
+                await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+        if last is None:
+            raise ExpertTimeout(f"{self.base_url}: no answer within {budget:g} s", expert=expert)
+        raise last
+
+    async def _one(self, expert: str, messages: list[Message], config: GenerationConfig) -> Generation:
+        model = await self._model_for(expert)
+        body = self._payload(model, messages, config, stream=False)
+        t0 = time.perf_counter()
+
+        async def attempt(left: float) -> Generation:
+            resp = await self._client.post("/chat/completions", json=body, timeout=httpx.Timeout(left, connect=min(left, 5.0)))
+            if resp.status_code != 200:
+                err = self._typed(resp, expert=expert, what=f"model {model!r}")
+                if resp.status_code in _RETRY_STATUS and isinstance(err, ExpertError):
+                    raise _Retryable(err)
+                raise err
+            try:
+                data = resp.json()
+                choice = data["choices"][0]
+                text = choice["message"]["content"] or ""
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+                raise ExpertUnavailable(f"{self.base_url}: not an OpenAI chat completion: {resp.text[:200]}", expert=expert) from exc
+            usage = data.get("usage") or {}
+            return Generation(
+                expert=expert,
+                text=text.strip(),
+                tokens=int(usage.get("completion_tokens") or 0),
+                latency_s=time.perf_counter() - t0,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                finish_reason=str(choice.get("finish_reason") or "stop"),
+                extra={"remote_model": model},
+            )
+
+        return await self._with_retries(expert, self._budget(expert, config), attempt)  # type: ignore[no-any-return]
+
+    async def agenerate(self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig) -> list[Generation]:
+        """Async :meth:`generate`: one HTTP request per pair, concurrently."""
+        if not requests:
+            return []
+        results = await asyncio.gather(*(self._one(n, m, config) for n, m in requests), return_exceptions=True)
+        if len(requests) == 1 and isinstance(results[0], BaseException):
+            raise results[0]
+        out: list[Generation] = []
+        for (name, _), r in zip(requests, results):
+            if isinstance(r, BaseException):
+                if not isinstance(r, (ExpertError, InputError)):
+                    logger.warning("expert %s on %s failed", name, self.base_url, exc_info=r)
+                out.append(Generation(name, "", 0, 0.0, finish_reason="error",
+                                      extra={"error": f"{type(r).__name__}: {r}"}))
+            else:
+                out.append(r)
+        return out
+
+    async def astream(self, expert: str, messages: list[Message], config: GenerationConfig) -> AsyncIterator[str]:
+        """Async :meth:`stream`. Retries only before the first chunk arrived."""
+        model = await self._model_for(expert)
+        body = self._payload(model, messages, config, stream=True)
+        budget = self._budget(expert, config)
+        deadline = time.monotonic() + budget
+        # Open the stream with retries; then read it under the remaining budget.
+        cm: Any = None
+
+        async def attempt(left: float) -> httpx.Response:
+            nonlocal cm
+            cm = self._client.stream("POST", "/chat/completions", json=body,
+                                     timeout=httpx.Timeout(left, connect=min(left, 5.0)))
+            resp = await cm.__aenter__()
+            if resp.status_code != 200:
+                await resp.aread()
+                await cm.__aexit__(None, None, None)
+                err = self._typed(resp, expert=expert, what=f"model {model!r}")
+                if resp.status_code in _RETRY_STATUS and isinstance(err, ExpertError):
+                    raise _Retryable(err)
+                raise err
+            return resp  # type: ignore[no-any-return]
+
+        resp: httpx.Response = await self._with_retries(expert, budget, attempt)
+        try:
+            lines = resp.aiter_lines()
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExpertTimeout(f"{self.base_url}: answer not finished within {budget:g} s", expert=expert)
+                try:
+                    line = await asyncio.wait_for(anext(lines), timeout=left)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise ExpertTimeout(f"{self.base_url}: answer not finished within {budget:g} s", expert=expert) from None
+                except httpx.HTTPError as exc:
+                    raise ExpertUnavailable(f"{self.base_url}: stream broke: {type(exc).__name__}: {exc}", expert=expert) from exc
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    event = json.loads(data)
+                except json.JSONDecodeError:
+                    continue
+                if "error" in event:
+                    msg = event["error"].get("message") if isinstance(event["error"], dict) else event["error"]
+                    raise ExpertUnavailable(f"{self.base_url}: {msg}", expert=expert)
+                for choice in event.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        yield piece
+        finally:
+            await cm.__aexit__(None, None, None)

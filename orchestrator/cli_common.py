@@ -1,0 +1,50 @@
+"""Shared CLI plumbing: one-line errors, JSON output. Imports stay light (no torch)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+__all__ = ["echo_json", "handle_errors", "offline_defaults"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def offline_defaults() -> None:
+    """Local models must never reach for the hub (a hub call here hangs until it times out)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def handle_errors(fn: F) -> F:
+    """Print an :class:`ExpertmixError` as one line on stderr and exit 1, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from expertmix.errors import ExpertmixError
+
+        offline_defaults()
+        try:
+            return fn(*args, **kwargs)
+        except ExpertmixError as exc:
+            msg = " ".join(str(exc).split())
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def echo_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")

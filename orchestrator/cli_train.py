@@ -1,0 +1,90 @@
+"""CLI command ``expertmix experts train``: LoRA fine-tuning of one expert.
+
+``register(experts_app)`` adds the command to the ``experts`` sub-app. torch, transformers
+and peft are imported inside the command only, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from expertmix.errors import ExpertmixError
+
+__all__ = ["register", "train"]
+
+
+def train(
+    name: Annotated[str, typer.Option("--name", help="Expert name (lowercase letters, digits, '-', '_').")],
+    data: Annotated[Path, typer.Option("--data", help="Training pairs: JSON Lines or CSV with instruction/response.")],
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation pairs: val NLL of base vs adapter.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Adapter directory to write [default: adapters/NAME].")] = None,
+    base: Annotated[str, typer.Option("--base", help="Base model: default name, HF directory, .gguf or hub id.")] = (
+        "smollm2-135m-instruct"
+    ),
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 16,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale = alpha / rank).")] = 32,
+    targets: Annotated[
+        str, typer.Option("--targets", help="Comma-separated projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.")
+    ] = "q_proj,v_proj",
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training data (may be fractional).")] = 2,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per step (padded per batch).")] = 8,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N steps (caps --epochs).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for init, shuffling and dropout.")] = 0,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Max prompt+response tokens per row; longer responses are truncated.")
+    ] = 384,
+    val_rows: Annotated[
+        int, typer.Option("--val-rows", help="Score the first N validation rows (0 = all).")
+    ] = 64,
+    threads: Annotated[
+        Optional[int], typer.Option("--threads", help="CPU threads (default: all cores; 1 helps on a busy machine).")
+    ] = None,
+    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.05,
+    instruction_field: Annotated[str, typer.Option("--instruction-field", help="Field (column) with the instruction.")] = (
+        "instruction"
+    ),
+    response_field: Annotated[str, typer.Option("--response-field", help="Field (column) with the response.")] = "response",
+    save_dtype: Annotated[str, typer.Option("--save-dtype", help="float32 or bfloat16 (half the file size).")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    register_config: Annotated[
+        Optional[Path], typer.Option("--register", help="Append the expert to this expertmix.toml.")
+    ] = None,
+    description: Annotated[str, typer.Option("--description", help="Description written with --register.")] = "",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing adapter / registered name.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a LoRA expert; write a PEFT adapter, training_report.json and loss.png."""
+    try:
+        from experts.training import TrainConfig, train_expert
+
+        cfg = TrainConfig(
+            name=name, data=data, val=val, out=out, base=base, rank=rank, alpha=alpha, targets=tuple(targets.split(",")),
+            dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, seed=seed,
+            max_length=max_length, instruction_field=instruction_field, response_field=response_field,
+            save_dtype=save_dtype, device=device, val_rows=val_rows or None, threads=threads, register=register_config, description=description, force=force,
+        )  # fmt: skip
+        result = train_expert(cfg, progress=not quiet)
+    except ExpertmixError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (FileExistsError, PermissionError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for w in result.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    rep = result.report
+    typer.echo(f"wrote {result.out} ({rep['hyperparameters']['steps']} steps, {rep['time_s']['total']:.0f} s)")
+    v = rep.get("val_nll_per_token")
+    if v:
+        typer.echo(f"val NLL/token: base {v['base']:.4f} -> adapter {v['adapter']:.4f} ({100 * v['relative_change']:+.1f}%)")
+    if result.registered is not None:
+        typer.echo(f"registered {name!r} in {result.registered}")
+
+
+def register(experts_app: typer.Typer) -> None:
+    """Add ``train`` to the ``experts`` sub-app."""
+    experts_app.command("train")(train)

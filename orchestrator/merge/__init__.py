@@ -1,0 +1,46 @@
+"""Merge strategies, in a plain registry selectable by name.
+
+| name            | what it does                                                    | cost (k experts, n tokens)              |
+|-----------------|-----------------------------------------------------------------|-----------------------------------------|
+| ``synthesis``   | experts answer in one mixed batch; an aggregator rewrites them  | 1 batched generation + 1 aggregator run |
+| ``mixture``     | token-level p(t) = Σ wᵢ·pᵢ(t), one forward pass per step        | 1 generation, batch of k rows           |
+| ``adapter_merge``| adapters merged in weight space at the routed weights (cached) | merge once per weight vector, then 1 gen|
+| ``top1``        | only the highest-weight expert answers                          | 1 generation                            |
+"""
+
+from __future__ import annotations
+
+from orchestrator.merge.base import MergeContext, MergeResult, MergeStrategy
+from expertmix.errors import StrategyError
+
+__all__ = [
+    "MergeContext",
+    "MergeResult",
+    "MergeStrategy",
+    "STRATEGIES",
+    "get_strategy",
+    "register_strategy",
+]
+
+STRATEGIES: dict[str, type] = {}
+
+
+def register_strategy(cls: type) -> type:
+    """Class decorator: add a strategy under ``cls.name``; duplicates are refused."""
+    name = cls.name  # type: ignore[attr-defined]
+    if name in STRATEGIES:
+        raise StrategyError(f"merge strategy {name!r} is already registered")
+    STRATEGIES[name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> MergeStrategy:
+    _load_builtins()
+    try:
+        return STRATEGIES[name]()  # type: ignore[no-any-return]
+    except KeyError:
+        raise StrategyError(f"unknown merge strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}") from None
+
+
+def _load_builtins() -> None:
+    from orchestrator.merge import adapter_merge, mixture, synthesis, top1  # noqa: F401

@@ -1,0 +1,59 @@
+"""``mixture``: token-level p(t) = Σ wᵢ·pᵢ(t) across the selected adapters.
+
+All selected adapters run in one forward pass per decoding step (a batch of k rows of
+the same prompt, KV-cached); greedy or sampled from the mixture. Cost: one generation
+with k rows. Needs local adapter weights. Per-expert texts do not exist here, so each
+contribution carries its weight and the shared token count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from experts.backends.mixture import mixture_generate
+from orchestrator.merge import register_strategy
+from orchestrator.merge.base import MergeContext, MergeResult
+from orchestrator.merge.common import require_local
+from orchestrator.trace import Contribution
+
+__all__ = ["Mixture"]
+
+
+@register_strategy
+class Mixture:
+    name = "mixture"
+    needs_local_weights = True
+    cost = "one generation over k rows (one forward pass per token for all k adapters)"
+
+    def run(self, ctx: MergeContext) -> MergeResult:
+        require_local(ctx, self.name)
+        assert ctx.local is not None
+        t0 = time.perf_counter()
+        try:
+            g = mixture_generate(ctx.local, ctx.messages, dict(ctx.weights), ctx.config)
+        except Exception as exc:  # noqa: BLE001 - fault policy
+            err = f"{type(exc).__name__}: {exc}"
+            return MergeResult(
+                text="",
+                contributions=[Contribution(expert=n, weight=w, error=err) for n, w in ctx.weights],
+                experts_s=time.perf_counter() - t0,
+                all_failed=True,
+            )
+        elapsed = time.perf_counter() - t0
+        return MergeResult(
+            text=g.text,
+            contributions=[
+                Contribution(expert=n, weight=w, tokens=g.tokens, latency_s=round(elapsed, 4)) for n, w in ctx.weights
+            ],
+            experts_s=elapsed,
+            tokens=g.tokens,
+            prompt_tokens=g.prompt_tokens,
+            used_weights=dict(ctx.weights),
+        )
+
+    def stream(self, ctx: MergeContext) -> Iterator[str | MergeResult]:
+        res = self.run(ctx)
+        if res.text:
+            yield res.text
+        yield res

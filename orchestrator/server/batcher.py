@@ -1,0 +1,196 @@
+"""Dynamic batching for the local backend: concurrent requests decode together in mixed-adapter batches.
+
+:class:`DynamicBatcher` wraps a :class:`~experts.backends.local.LocalBackend` and is itself a
+``Backend``. Each ``generate`` call (one request's expert rows, an aggregator row, a direct
+expert call) becomes a job on a queue; one worker thread takes the first job, waits up to
+``max_wait_ms`` for more jobs with the same decoding options, and runs them all as **one**
+``generate`` call of at most ``max_batch_size`` rows (rows may use different adapters:
+peft's ``adapter_names=``). A job is never split; a job bigger than the limit runs alone.
+
+Jobs with different decoding options (``max_new_tokens``, temperature, top-p, stop, seed)
+never share a batch, so every row gets exactly what it asked for. If a batch fails on one
+job's input (unknown expert, prompt too long), its jobs are retried alone so only the
+culprit fails.
+
+Streaming is not batched: :meth:`DynamicBatcher.stream` decodes alone, under the backend's lock.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from experts.backends.base import Generation, GenerationConfig
+from experts.prompts import Message
+from expertmix.errors import ExpertmixError, ExpertUnavailable
+
+if TYPE_CHECKING:
+    from experts.backends.local import LocalBackend
+
+__all__ = ["DynamicBatcher"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    requests: list[tuple[str, list[Message]]]
+    config: GenerationConfig
+    future: cf.Future[list[Generation]] = field(default_factory=cf.Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> GenerationConfig:
+        # the deadline is not a decoding option: jobs differing only there may share a batch
+        return replace(self.config, max_time_s=None)
+
+
+class DynamicBatcher:
+    """A ``Backend`` that queues ``generate`` calls and runs them in shared mixed-adapter batches. Thread-safe.
+
+    ``on_batch(rows, jobs, wait_s)`` is called after every batch (metrics).
+    """
+
+    local_weights = True
+
+    def __init__(
+        self,
+        backend: LocalBackend,
+        *,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 10.0,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._held: deque[_Job] = deque()
+        self._closed = threading.Event()
+        self._worker = threading.Thread(target=self._loop, name="expertmix-batcher", daemon=True)
+        self._worker.start()
+
+    # -- Backend protocol -------------------------------------------------------------------------
+    def expert_names(self) -> list[str]:
+        return self.backend.expert_names()
+
+    def generate(self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig) -> list[Generation]:
+        if not requests:
+            return []
+        if self._closed.is_set():
+            raise ExpertUnavailable("the batcher is shut down")
+        job = _Job(list(requests), config)
+        self._queue.put(job)
+        return job.future.result()
+
+    def stream(self, expert: str, messages: list[Message], config: GenerationConfig) -> Iterator[str]:
+        return self.backend.stream(expert, messages, config)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + len(self._held)
+
+    def close(self) -> None:
+        """Stop the worker; queued jobs fail with :class:`ExpertUnavailable`. The wrapped backend stays open."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._queue.put(None)
+        self._worker.join(timeout=30)
+
+    # -- worker -----------------------------------------------------------------------------------
+    def _next(self, timeout: float | None) -> _Job | None:
+        if self._held:
+            return self._held.popleft()
+        try:
+            return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _collect(self, first: _Job) -> list[_Job]:
+        """``first`` plus compatible jobs arriving within ``max_wait`` (already-queued ones join at once)."""
+        batch, rows = [first], len(first.requests)
+        deadline = time.perf_counter() + self.max_wait_s
+        skipped: list[_Job] = []
+        held, self._held = self._held, deque()
+        for job in held:  # jobs put aside by earlier batches go first
+            if job.key == first.key and rows + len(job.requests) <= self.max_batch_size:
+                batch.append(job)
+                rows += len(job.requests)
+            else:
+                skipped.append(job)
+        while rows < self.max_batch_size and not self._closed.is_set():
+            try:
+                left = deadline - time.perf_counter()
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # close() sentinel
+                self._closed.set()
+                break
+            if job.key == first.key and rows + len(job.requests) <= self.max_batch_size:
+                batch.append(job)
+                rows += len(job.requests)
+            else:
+                skipped.append(job)
+        self._held.extend(skipped)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            job = self._next(None)
+            if job is None or self._closed.is_set():
+                break
+            batch = self._collect(job)
+            self._run(batch)
+        err = ExpertUnavailable("the server is shutting down")
+        for j in [*self._held, *_drain(self._queue)]:
+            if j is not None and not j.future.done():
+                j.future.set_exception(err)
+
+    def _run(self, batch: list[_Job]) -> None:
+        rows = [r for j in batch for r in j.requests]
+        limits = [j.config.max_time_s for j in batch]
+        config = replace(batch[0].config, max_time_s=None if None in limits else max(x for x in limits if x is not None))
+        waited = time.perf_counter() - min(j.enqueued for j in batch)
+        try:
+            gens = self.backend.generate(rows, config)
+        except BaseException as exc:  # noqa: BLE001 - handed to the callers
+            if len(batch) > 1 and isinstance(exc, ExpertmixError):
+                for j in batch:  # one bad job must not fail its neighbours
+                    self._run([j])
+                return
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(exc)
+            return
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(rows), len(batch), waited)
+            except Exception:  # noqa: BLE001 - metrics must not break serving
+                logger.debug("on_batch callback failed", exc_info=True)
+        i = 0
+        for j in batch:
+            n = len(j.requests)
+            j.future.set_result(gens[i : i + n])
+            i += n
+
+
+def _drain(q: queue.Queue[_Job | None]) -> Iterator[_Job | None]:
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
