@@ -22,7 +22,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -397,7 +397,3 @@ def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool
         out=out, report=report, registered=registered, warnings=warnings_, model=peft_model if keep_model else None
     )
 
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    """The config as plain JSON-able values (for logs)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}

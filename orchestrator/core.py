@@ -84,7 +84,11 @@ class Orchestrator:
         agg = self.settings.aggregator
         if agg not in self.routes:
             raise ConfigError(f"aggregator {agg!r} has no backend", path=config.path, key="orchestrator.aggregator")
-        self.pool = ExpertPool(self.routes, timeout_s=self.settings.expert_timeout_s)
+        self.pool = ExpertPool(
+            self.routes,
+            timeout_s=self.settings.expert_timeout_s,
+            timeouts={e.name: e.timeout_s for e in config.experts if e.timeout_s is not None},
+        )
         if self.local is not None:
             self.local.merged.max_size = self.settings.merge_cache_size
         self.log = AnswerLog(self.settings.log_file, log_text=self.settings.log_query_text) if self.settings.log_file else None

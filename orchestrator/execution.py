@@ -58,9 +58,18 @@ def _describe(exc: BaseException) -> str:
 class ExpertPool:
     """Maps expert names to backends and runs requests on them under a timeout."""
 
-    def __init__(self, routes: Mapping[str, Backend], *, timeout_s: float, max_workers: int = 16) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, Backend],
+        *,
+        timeout_s: float,
+        timeouts: Mapping[str, float] | None = None,
+        max_workers: int = 16,
+    ) -> None:
         self.routes = dict(routes)
         self.timeout_s = timeout_s
+        #: per-expert overrides of ``timeout_s`` (``timeout_s`` in an ``[[experts]]`` table)
+        self.timeouts = dict(timeouts or {})
         self._executor = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="expertmix-expert")
         self._closed = threading.Event()
 
@@ -79,7 +88,11 @@ class ExpertPool:
         timeout_s: float | None = None,
     ) -> list[Outcome]:
         """Run every request; each comes back as an :class:`Outcome` (never raises for an expert)."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+        def limit(name: str) -> float:
+            if timeout_s is not None:
+                return timeout_s
+            return self.timeouts.get(name, self.timeout_s)
+
         groups: dict[int, list[int]] = defaultdict(list)
         backends: dict[int, Backend] = {}
         outcomes: list[Outcome | None] = [None] * len(requests)
@@ -91,37 +104,49 @@ class ExpertPool:
                 continue
             groups[id(b)].append(i)
             backends[id(b)] = b
-        if config.max_time_s is None:
-            config = replace(config, max_time_s=timeout)
         t0 = time.perf_counter()
         futures: dict[cf.Future[list[Generation]], list[int]] = {}
+        deadlines: dict[cf.Future[list[Generation]], float] = {}
         for key, idx in groups.items():
             batch = [requests[i] for i in idx]
-            fut = self._executor.submit(backends[key].generate, batch, config)
+            group_limit = max(limit(requests[i][0]) for i in idx)
+            cfg = config if config.max_time_s is not None else replace(config, max_time_s=group_limit)
+            fut = self._executor.submit(backends[key].generate, batch, cfg)
             futures[fut] = idx
-        done, not_done = cf.wait(futures, timeout=timeout)
-        for fut in done:
-            idx = futures[fut]
-            elapsed = time.perf_counter() - t0
-            try:
-                gens = fut.result()
-            except BaseException as exc:  # noqa: BLE001 - the fault policy: record, never raise
-                if not isinstance(exc, ExpertmixError):
-                    logger.warning("expert batch %s failed", [requests[i][0] for i in idx], exc_info=exc)
-                for i in idx:
-                    outcomes[i] = Outcome(requests[i][0], None, _describe(exc), elapsed)
-                continue
-            for i, g in zip(idx, gens):
-                err = None
-                if g.extra.get("error"):
-                    err = str(g.extra["error"])
-                outcomes[i] = Outcome(requests[i][0], g if err is None else None, err, g.latency_s or elapsed)
-        for fut in not_done:
-            fut.cancel()
-            for i in futures[fut]:
-                exc = ExpertTimeout(f"no answer within {timeout:g} s", expert=requests[i][0])
-                outcomes[i] = Outcome(requests[i][0], None, _describe(exc), timeout)
+            deadlines[fut] = t0 + group_limit
+        pending = set(futures)
+        while pending:
+            wait_s = max(0.0, min(deadlines[f] for f in pending) - time.perf_counter())
+            done, pending = cf.wait(pending, timeout=wait_s, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                self._collect(fut, futures[fut], requests, outcomes, time.perf_counter() - t0)
+            now = time.perf_counter()
+            for fut in [f for f in pending if deadlines[f] <= now]:
+                pending.discard(fut)
+                fut.cancel()
+                for i in futures[fut]:
+                    exc = ExpertTimeout(f"no answer within {limit(requests[i][0]):g} s", expert=requests[i][0])
+                    outcomes[i] = Outcome(requests[i][0], None, _describe(exc), now - t0)
         return [o for o in outcomes if o is not None]
+
+    @staticmethod
+    def _collect(fut: cf.Future[list[Generation]], idx: list[int], requests: Sequence[tuple[str, list[Message]]],
+                 outcomes: list[Outcome | None], elapsed: float) -> None:
+        try:
+            gens = fut.result()
+        except BaseException as exc:  # noqa: BLE001 - the fault policy: record, never raise
+            if not isinstance(exc, ExpertmixError):
+                logger.warning("expert batch %s failed", [requests[i][0] for i in idx], exc_info=exc)
+            for i in idx:
+                outcomes[i] = Outcome(requests[i][0], None, _describe(exc), elapsed)
+            return
+        if len(gens) != len(idx):
+            for i in idx:
+                outcomes[i] = Outcome(requests[i][0], None, "backend returned a wrong number of answers", elapsed)
+            return
+        for i, g in zip(idx, gens):
+            err = str(g.extra["error"]) if g.extra.get("error") else None
+            outcomes[i] = Outcome(requests[i][0], g if err is None else None, err, g.latency_s or elapsed)
 
     def has_base(self) -> bool:
         return BASE_EXPERT in self.routes
