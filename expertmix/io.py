@@ -68,6 +68,10 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    # mkdtemp makes the directory 0700; give the artifact the usual permissions (umask applies)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         if target.exists():

@@ -157,7 +157,8 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 def _configure_threads() -> None:
     import torch
 
-    n = os.cpu_count() or 1
+    env = os.environ.get("EXPERTMIX_NUM_THREADS")
+    n = int(env) if env and env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 

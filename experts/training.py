@@ -190,10 +190,12 @@ def _plot_loss(path: Path, losses: list[float], *, title: str, val: dict[str, fl
     fig, ax = plt.subplots(figsize=(7, 4))
     try:
         steps = list(range(1, len(losses) + 1))
-        ax.plot(steps, losses, lw=0.8, alpha=0.4, label="train loss (per step)")
+        ax.plot(steps, losses, lw=0.8 if len(losses) > 40 else 1.5, alpha=0.5 if len(losses) > 40 else 1.0,
+                label="train loss (per step)")
         k = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
-        ax.plot(steps, smooth, lw=1.8, label=f"train loss ({k}-step mean)")
+        if k > 1:
+            smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+            ax.plot(steps, smooth, lw=1.8, label=f"train loss ({k}-step mean)")
         if val:
             ax.axhline(val["base"], color="gray", ls="--", lw=1, label=f"val NLL/token, base {val['base']:.3f}")
             ax.axhline(val["adapter"], color="green", ls="--", lw=1, label=f"val NLL/token, adapter {val['adapter']:.3f}")
@@ -205,6 +207,17 @@ def _plot_loss(path: Path, losses: list[float], *, title: str, val: dict[str, fl
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp/mkstemp create 0700/0600 entries; give the adapter the usual umask permissions (e.g. for a server user)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool = False) -> TrainResult:
@@ -388,6 +401,7 @@ def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool
         report["time_s"]["total"] = round(time.perf_counter() - t_start, 2)
         atomic_write_text(tmp / "training_report.json", json.dumps(report, indent=2) + "\n")
         _plot_loss(tmp / "loss.png", losses, title=f"{config.name}: LoRA r={config.rank} on {base.name}", val=val_nll)
+        _readable(tmp)
     registered = None
     if config.register is not None:
         description = config.description or f"{config.name} expert (LoRA adapter on {base.name})"

@@ -77,6 +77,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def group_sum(p: np.ndarray, groups: np.ndarray | None, n_labels: int) -> np.ndarray:
+    """Sum unit probabilities into label probabilities."""
+    if groups is None:
+        return p
+    out = np.zeros((p.shape[0], n_labels), dtype=p.dtype)
+    np.add.at(out.T, np.asarray(groups, dtype=np.int64), p.T)
+    return out
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -107,8 +116,11 @@ class RouterModel:
 
     labels: tuple[str, ...]
     coef: np.ndarray
+    """(units, dim): one row per label, or per sub-cluster of a label when ``groups`` is set."""
     intercept: np.ndarray
     temperature: float = 1.0
+    groups: np.ndarray | None = None
+    """Label index of each row of ``coef``; probabilities of a label's rows are summed."""
     abstain: AbstainRule = field(default_factory=AbstainRule)
     embedding: dict[str, Any] = field(default_factory=dict)
     classifier: dict[str, Any] = field(default_factory=dict)
@@ -123,7 +135,8 @@ class RouterModel:
     def predict_proba(self, x: np.ndarray, *, calibrated: bool = True) -> np.ndarray:
         """Class probabilities, columns in ``labels`` order."""
         z = self.logits(x).astype(np.float64)
-        return _softmax(z / (self.temperature if calibrated else 1.0))
+        p = _softmax(z / (self.temperature if calibrated else 1.0))
+        return group_sum(p, self.groups, len(self.labels))
 
     def confidence(self, x: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """The score the abstain rule compares with its threshold (higher = more in-domain)."""
@@ -167,6 +180,8 @@ def save_model(
         "coef": np.ascontiguousarray(model.coef, dtype=np.float32),
         "intercept": np.ascontiguousarray(model.intercept, dtype=np.float32),
     }
+    if model.groups is not None:
+        tensors["groups"] = np.ascontiguousarray(model.groups, dtype=np.int32)
     if model.abstain.ood_coef is not None:
         tensors["ood_coef"] = np.ascontiguousarray(model.abstain.ood_coef, dtype=np.float32)
         tensors["ood_intercept"] = np.asarray([model.abstain.ood_intercept], dtype=np.float32)
@@ -231,6 +246,7 @@ def load_model(path: str | Path) -> RouterModel:
             coef=coef,
             intercept=intercept,
             temperature=float(cal["temperature"]),
+            groups=tensors.get("groups"),
             abstain=rule,
             embedding=dict(emb),
             classifier=dict(meta.get("classifier", {})),
@@ -242,10 +258,15 @@ def load_model(path: str | Path) -> RouterModel:
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise RouterArtifactError(f"artifact is malformed ({type(exc).__name__}: {exc})", path=path) from exc
     dim = int(emb.get("dim", -1))
-    if coef.shape != (len(labels), dim) or intercept.shape != (len(labels),):
+    units = len(labels) if model.groups is None else len(model.groups)
+    if coef.shape != (units, dim) or intercept.shape != (units,):
         raise RouterArtifactError(
-            f"weights have shape {coef.shape}/{intercept.shape}, expected ({len(labels)}, {dim})", path=path
+            f"weights have shape {coef.shape}/{intercept.shape}, expected ({units}, {dim})", path=path
         )
+    if model.groups is not None and (
+        model.groups.min(initial=0) < 0 or set(model.groups.tolist()) != set(range(len(labels)))
+    ):
+        raise RouterArtifactError("weights 'groups' do not map onto the labels", path=path)
     if rule.score == "in_domain" and (rule.ood_coef is None or rule.ood_coef.shape != (dim,)):
         raise RouterArtifactError("abstain rule 'in_domain' lacks its ood_coef weights", path=path)
     _warn_versions(model.versions, path)

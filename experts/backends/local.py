@@ -107,8 +107,8 @@ class LocalBackend:
             raise UnknownExpert(f"unknown expert {name!r}; loaded: {known}", expert=name)
 
     # -- prompts ----------------------------------------------------------------------------------
-    def encode_prompt(self, messages: list[Message]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def encode_prompt(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
@@ -243,7 +243,7 @@ class LocalBackend:
 
         self.check_expert(expert)
         prompt = self.encode_prompt(messages)
-        full = self.encode_prompt([*messages, {"role": "assistant", "content": response}])
+        full = self.encode_prompt([*messages, {"role": "assistant", "content": response}], add_generation_prompt=False)
         # the chat template appends the assistant turn after the generation prompt
         target = full[len(prompt) :]
         ids = torch.tensor([prompt + target], device=self.base.device)

@@ -35,7 +35,7 @@ from experts.prompts import normalize_messages
 from experts.registry import BASE_EXPERT
 from expertmix.errors import ExpertUnavailable, InputError
 from orchestrator.config import ServerSettings
-from orchestrator.server.errors import install_handlers
+from orchestrator.server.errors import install_handlers, to_openai_error
 from orchestrator.server.limits import BodySizeLimit
 from orchestrator.server.metrics import Metrics
 from orchestrator.server.schemas import ChatCompletionRequest, OpenAIError, completion, model_card, new_id
@@ -191,18 +191,19 @@ def create_app(
 
         if req.stream:
             return await sse_response(state, req, target, messages, gen, on_done=done)
+        status = 499  # the client went away (cancelled) unless set below
         try:
             if target == ORCHESTRATED_MODEL:
                 body = await state.run(_answer, state, req, messages, gen)
             else:
                 body = await state.run(_direct, state, req, target, messages, gen)
+            status = 200
         except Exception as exc:
-            from orchestrator.server.errors import to_openai_error
-
             err = to_openai_error(exc)
-            done(err.status)
+            status = err.status
             raise err from exc
-        done(200)
+        finally:
+            done(status)
         return JSONResponse(body)
 
     return app

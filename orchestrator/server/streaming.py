@@ -117,7 +117,12 @@ async def sse_response(state: ServerState, req: ChatCompletionRequest, target: s
         put("end", None)
 
     state.executor.submit(produce)
-    first = await items.get()
+    try:
+        first = await items.get()
+    except asyncio.CancelledError:
+        cancel.set()
+        on_done(499)
+        raise
     if first[0] == "error":
         cancel.set()
         err = to_openai_error(first[1])
