@@ -87,6 +87,19 @@ def resolve_adapters(requested: Path | None, names: Sequence[str] = DOMAINS) -> 
     return out, "random (stand-in: shipped adapters missing)"
 
 
+def adapter_info(adapters: Path, kind: str, names: Sequence[str] = DOMAINS) -> dict[str, Any]:
+    """Where the adapters came from, with a short SHA-256 of each weights file (they get retrained)."""
+    import hashlib
+
+    files = {n: adapters / n / "adapter_model.safetensors" for n in names}
+    return {
+        "path": str(adapters),
+        "kind": kind,
+        "sha256_12": {n: hashlib.sha256(f.read_bytes()).hexdigest()[:12] for n, f in files.items()},
+        "mtime": {n: time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(f.stat().st_mtime)) for n, f in files.items()},
+    }
+
+
 def config_with_adapters(adapters: Path, **orchestrator: Any):  # noqa: ANN201
     """The shipped config with its experts' adapters pointed at ``adapters/<name>``."""
     from orchestrator.config import load_config

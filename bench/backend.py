@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "eos": "suppressed (min_new_tokens = max_new_tokens)", "decoding": "greedy",
             "prompt": PROMPT, "order": "interleaved, alternating forward/reverse each round",
         },
-        "adapters": {"path": str(adapters), "kind": kind},
+        "adapters": C.adapter_info(adapters, kind),
         "machine": info,
         "time_s": round(time.perf_counter() - t_start, 1),
     }

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                      "sample": "evenly spaced: row int(i * n_total / n) for i < n", "k": 2,
                      "mean": "unweighted mean of the per-domain per-token NLLs"},
         "router": str(router.path),
-        "adapters": {"path": str(adapters), "kind": kind},
+        "adapters": C.adapter_info(adapters, kind),
         "machine": info,
         "time_s": round(time.perf_counter() - t_start, 1),
     }

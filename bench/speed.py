@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "order": "interleaved, alternating forward/reverse each round",
         },
         "routing": routing.to_dict(),
-        "adapters": {"path": str(adapters), "kind": kind},
+        "adapters": C.adapter_info(adapters, kind),
         "machine": info,
         "time_s": round(time.perf_counter() - t_start, 1),
     }

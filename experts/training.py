@@ -61,6 +61,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     max_length: int = 384  # prompt + response tokens per row; longer responses are truncated
+    long_prompts: str = "error"  # a row whose prompt alone exceeds max_length: "error" or "skip" (counted)
     instruction_field: str = "instruction"
     response_field: str = "response"
     save_dtype: str = "float32"  # or "bfloat16": half the size on disk
@@ -94,6 +95,7 @@ class TrainConfig:
             ("batch_size", self.batch_size >= 1),
             ("max_steps", self.max_steps is None or self.max_steps >= 1),
             ("max_length", self.max_length >= 16),
+            ("long_prompts", self.long_prompts in ("error", "skip")),
             ("dropout", 0 <= self.dropout < 1),
             ("val_rows", self.val_rows is None or self.val_rows >= 1),
             ("threads", self.threads is None or self.threads >= 1),
@@ -251,11 +253,22 @@ def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool
         torch.set_num_threads(config.threads)
     tok, model, device = base.tokenizer, base.model, base.device
     max_length = min(config.max_length, base.context_length)
-    train_rows, n_trunc = encode_pairs(tok, train_pairs, max_length=max_length, path=config.data)
+    skipped: list[int] = []
+    skipped_val: list[int] = []
+    train_rows, n_trunc = encode_pairs(
+        tok, train_pairs, max_length=max_length, path=config.data, long_prompts=config.long_prompts, skipped=skipped
+    )
     val_rows, n_trunc_val = (
-        encode_pairs(tok, val_pairs, max_length=max_length, path=config.val) if config.val is not None else ([], 0)
+        encode_pairs(tok, val_pairs, max_length=max_length, path=config.val, long_prompts=config.long_prompts,
+                     skipped=skipped_val)
+        if config.val is not None
+        else ([], 0)
     )
     warnings_: list[str] = []
+    if skipped:
+        warnings_.append(f"{len(skipped)} training rows skipped: prompt alone exceeds {max_length} tokens")
+    if skipped_val:
+        warnings_.append(f"{len(skipped_val)} validation rows skipped: prompt alone exceeds {max_length} tokens")
     if n_trunc:
         warnings_.append(f"{n_trunc} of {len(train_rows)} training rows exceed {max_length} tokens; responses truncated")
     if n_trunc_val:
@@ -339,6 +352,7 @@ def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool
                 "sha256": file_sha256(config.data),
                 "rows": len(train_rows),
                 "truncated_rows": n_trunc,
+                "skipped_rows": len(skipped),
             },
             "val": (
                 {
@@ -347,6 +361,7 @@ def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool
                     "rows": val_total,
                     "rows_scored": len(val_rows),
                     "truncated_rows": n_trunc_val,
+                    "skipped_rows": len(skipped_val),
                 }
                 if config.val is not None
                 else None

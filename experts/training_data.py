@@ -96,9 +96,14 @@ def encode_prompt(tokenizer: Any, instruction: str) -> list[int]:
 
 
 def encode_pairs(
-    tokenizer: Any, pairs: Sequence[Pair], *, max_length: int, path: str | Path
+    tokenizer: Any, pairs: Sequence[Pair], *, max_length: int, path: str | Path, long_prompts: str = "error",
+    skipped: list[int] | None = None,
 ) -> tuple[list[Encoded], int]:
-    """Encode pairs; returns ``(encoded, n_truncated)``. See the module docstring for the policy."""
+    """Encode pairs; returns ``(encoded, n_truncated)``. See the module docstring for the policy.
+
+    A row whose prompt alone does not fit ``max_length`` is an error (``long_prompts="error"``)
+    or is left out, its line appended to ``skipped`` (``long_prompts="skip"``).
+    """
     out: list[Encoded] = []
     n_truncated = 0
     for p in pairs:
@@ -114,9 +119,13 @@ def encode_pairs(
             full = prompt + _ids(tokenizer(p.response + (tokenizer.eos_token or ""), add_special_tokens=False))
         response = full[len(prompt) :]
         if len(prompt) + MIN_RESPONSE_TOKENS > max_length:
+            if long_prompts == "skip":
+                if skipped is not None:
+                    skipped.append(p.line)
+                continue
             raise DataError(
                 f"the prompt alone is {len(prompt)} tokens, which leaves no room for the response within "
-                f"max_length={max_length}; shorten the instruction or raise --max-length",
+                f"max_length={max_length}; shorten the instruction, raise --max-length or pass --long-prompts skip",
                 path=path,
                 line=p.line,
             )

@@ -37,6 +37,9 @@ def train(
     max_length: Annotated[
         int, typer.Option("--max-length", help="Max prompt+response tokens per row; longer responses are truncated.")
     ] = 384,
+    long_prompts: Annotated[
+        str, typer.Option("--long-prompts", help="A row whose prompt alone exceeds --max-length: error or skip (counted).")
+    ] = "error",
     val_rows: Annotated[
         int, typer.Option("--val-rows", help="Score the first N validation rows (0 = all).")
     ] = 64,
@@ -64,7 +67,7 @@ def train(
         cfg = TrainConfig(
             name=name, data=data, val=val, out=out, base=base, rank=rank, alpha=alpha, targets=tuple(targets.split(",")),
             dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, seed=seed,
-            max_length=max_length, instruction_field=instruction_field, response_field=response_field,
+            max_length=max_length, long_prompts=long_prompts, instruction_field=instruction_field, response_field=response_field,
             save_dtype=save_dtype, device=device, val_rows=val_rows or None, threads=threads, register=register_config, description=description, force=force,
         )  # fmt: skip
         result = train_expert(cfg, progress=not quiet)

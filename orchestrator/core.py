@@ -88,6 +88,7 @@ class Orchestrator:
             self.routes,
             timeout_s=self.settings.expert_timeout_s,
             timeouts={e.name: e.timeout_s for e in config.experts if e.timeout_s is not None},
+            max_workers=max(16, config.server.max_queue),
         )
         if self.local is not None:
             self.local.merged.max_size = self.settings.merge_cache_size
