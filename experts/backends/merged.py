@@ -41,7 +41,11 @@ class MergedAdapterCache:
         total = sum(weights.values())
         if total <= 0:
             raise StrategyError("adapter_merge needs positive weights")
-        return tuple(sorted((n, round(w / total, self.decimals)) for n, w in weights.items() if w > 0))
+        # weights that round to zero would only double the merged rank: drop them, renormalize
+        eps = 0.5 * 10**-self.decimals
+        kept = {n: w / total for n, w in weights.items() if w / total >= eps}
+        s = sum(kept.values())
+        return tuple(sorted((n, round(w / s, self.decimals)) for n, w in kept.items()))
 
     def get(self, weights: Mapping[str, float]) -> str:
         """Return the adapter name of the merge at ``weights`` (renormalized, rounded)."""

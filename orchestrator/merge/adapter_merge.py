@@ -27,8 +27,9 @@ class AdapterMerge:
     def _merged(self, ctx: MergeContext) -> str:
         require_local(ctx, self.name)
         assert ctx.local is not None
-        if len(ctx.weights) == 1:
-            return ctx.weights[0][0]
+        key = ctx.local.merged.key(dict(ctx.weights))
+        if len(key) == 1:  # one expert carries (almost) all the weight: no merge needed
+            return key[0][0]
         return ctx.local.merged.get(dict(ctx.weights))
 
     def _fail(self, ctx: MergeContext, exc: BaseException, t0: float) -> MergeResult:
