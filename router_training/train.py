@@ -52,6 +52,11 @@ class TrainConfig:
     class_weight: str | None = "balanced"
     calibration: str = "temperature"
     """temperature (fit on held-out rows) or none."""
+    min_temperature: float = 1.0
+    """Lower bound of the fitted temperature. Held-out rows from the training distribution are
+    nearly separable, so the NLL-optimal temperature sharpens (here 0.43); that is overconfident on
+    differently phrased queries and collapses every top-k mixture onto one expert. 1.0 = never
+    sharpen beyond the classifier's own probabilities; 0 = unconstrained."""
     max_false_reject: float = 0.03
     """Abstain threshold: at most this share of in-domain held-out rows rejected."""
     abstain_score: str = "auto"
@@ -303,6 +308,7 @@ def fit_router(
     temperature = 1.0
     if cfg.calibration == "temperature":
         temperature = fit_temperature(model.logits(x_cal).astype(np.float64), y_cal, model.groups)
+        temperature = max(temperature, cfg.min_temperature)
     model.temperature = temperature
 
     # abstain rule: threshold from in-domain held-out rows (and their framed copies)
