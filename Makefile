@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/expertmix ask "Our checkout page is slow after the last deploy. How should engineering profile it, and what should product tell customers?"
+	$(VENV)/bin/expertmix ask "Write a Python function that computes compound interest on a loan."
 
 test: install
 	$(PY) -m pytest -q tests

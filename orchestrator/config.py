@@ -47,6 +47,7 @@ class OrchestratorSettings:
     strategy: str = "synthesis"
     max_new_tokens: int = 160
     temperature: float = 0.0
+    repetition_penalty: float = 1.1
     expert_timeout_s: float = 300.0
     aggregator: str = BASE_EXPERT
     synthesis_template: str = DEFAULT_SYNTHESIS_TEMPLATE
@@ -130,6 +131,8 @@ def _check(cfg: ExpertmixConfig, path: str) -> None:
         raise ConfigError("must be in [0, 1)", path=path, key="router.min_weight")
     if o.max_new_tokens < 1:
         raise ConfigError("must be >= 1", path=path, key="orchestrator.max_new_tokens")
+    if o.repetition_penalty <= 0:
+        raise ConfigError("must be > 0 (1.0 = off)", path=path, key="orchestrator.repetition_penalty")
     if o.expert_timeout_s <= 0:
         raise ConfigError("must be > 0", path=path, key="orchestrator.expert_timeout_s")
     names = {e.name for e in cfg.experts} | {BASE_EXPERT}

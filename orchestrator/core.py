@@ -124,6 +124,7 @@ class Orchestrator:
                 temperature=temperature if temperature is not None else self.settings.temperature,
                 top_p=top_p if top_p is not None else 1.0,
                 seed=seed,
+                repetition_penalty=self.settings.repetition_penalty,
             )
         except ValueError as exc:
             raise InputError(str(exc)) from exc

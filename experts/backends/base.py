@@ -20,6 +20,8 @@ class GenerationConfig:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: >1 discourages repeating tokens (small models loop under greedy decoding); 1.0 = off
+    repetition_penalty: float = 1.0
     #: cooperative deadline for local decoding (transformers ``max_time``); set by the fault policy
     max_time_s: float | None = None
 
@@ -30,6 +32,8 @@ class GenerationConfig:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
 
     @property
     def greedy(self) -> bool:

@@ -71,18 +71,15 @@ class LocalBackend:
 
     # -- adapters ---------------------------------------------------------------------------------
     def _load_adapter(self, spec: ExpertSpec) -> None:
+        import warnings
+
         assert spec.adapter is not None
         validate_adapter_dir(spec.adapter, expert=spec.name)
         try:
-            if not self._peft:
-                from peft import PeftModel
-
-                self.model = PeftModel.from_pretrained(
-                    self.base.model, str(spec.adapter), adapter_name=spec.name, is_trainable=False
-                )
-                self._peft = True
-            else:
-                self.model.load_adapter(str(spec.adapter), adapter_name=spec.name, is_trainable=False)
+            with warnings.catch_warnings():
+                # a transformers 5 deprecation raised inside peft; nothing for our users to act on
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self._attach(spec)
         except (RuntimeError, ValueError, KeyError) as exc:
             msg = str(exc).splitlines()[0][:300]
             raise AdapterError(
@@ -91,6 +88,17 @@ class LocalBackend:
                 expert=spec.name,
             ) from exc
         self.model.eval()
+
+    def _attach(self, spec: ExpertSpec) -> None:
+        if not self._peft:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(
+                self.base.model, str(spec.adapter), adapter_name=spec.name, is_trainable=False
+            )
+            self._peft = True
+        else:
+            self.model.load_adapter(str(spec.adapter), adapter_name=spec.name, is_trainable=False)
 
     def add_expert(self, spec: ExpertSpec) -> None:
         """Load one more adapter onto the shared base (e.g. after training)."""
@@ -146,6 +154,8 @@ class LocalBackend:
             kw.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0)
         if config.max_time_s is not None:
             kw["max_time"] = config.max_time_s
+        if config.repetition_penalty != 1.0:
+            kw["repetition_penalty"] = config.repetition_penalty
         if config.stop:
             kw.update(stop_strings=list(config.stop), tokenizer=self.tokenizer)
         return kw

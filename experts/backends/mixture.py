@@ -68,7 +68,9 @@ def mixture_generate(
     prompt = backend.encode_prompt(messages)
     backend._check_length(len(prompt), config.max_new_tokens)
     ids, mask = backend.batch_inputs([prompt] * len(items))
-    kw = backend.generate_kwargs(GenerationConfig(max_new_tokens=config.max_new_tokens, stop=config.stop))
+    kw = backend.generate_kwargs(
+        GenerationConfig(max_new_tokens=config.max_new_tokens, stop=config.stop, repetition_penalty=config.repetition_penalty)
+    )
     if backend._peft:
         kw["adapter_names"] = [n for n, _ in items]
     gen = None
