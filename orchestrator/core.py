@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from expertmix.errors import AllExpertsFailed, ConfigError, InputError
 from orchestrator.config import ExpertmixConfig, load_config
 from orchestrator.execution import ExpertPool
 from orchestrator.merge import get_strategy
-from orchestrator.merge.base import MergeContext, MergeResult
+from orchestrator.merge.base import MergeContext, MergeResult, MergeStrategy
 from orchestrator.trace import Answer, AnswerLog, Contribution, Timings
 
 if TYPE_CHECKING:
@@ -61,6 +61,20 @@ def _build_backends(config: ExpertmixConfig, overrides: Mapping[str, Backend]) -
             routes.setdefault(BASE_EXPERT, remote)
     routes.update(overrides)
     return routes, local
+
+
+@dataclass
+class _Job:
+    """One query in flight: decoding options, strategy, messages and the routing decision."""
+
+    t0: float
+    gen: GenerationConfig
+    strategy: str
+    impl: MergeStrategy
+    messages: list[dict[str, str]]
+    question: str
+    routing: Routing
+    t_route: float
 
 
 class Orchestrator:
@@ -148,9 +162,9 @@ class Orchestrator:
             min_weight=self.config.router.min_weight if min_weight is None else min_weight,
         )
 
-    def _context(self, messages: list[dict[str, str]], question: str, routing: Routing, gen: GenerationConfig) -> MergeContext:
-        weights = [(e.name, e.weight) for e in routing.experts]
-        return MergeContext(messages, question, weights, gen, self.settings, self.pool, self.local)
+    def _context(self, job: _Job) -> MergeContext:
+        weights = [(e.name, e.weight) for e in job.routing.experts]
+        return MergeContext(job.messages, job.question, weights, job.gen, self.settings, self.pool, self.local)
 
     def _base_answer(self, messages: list[dict[str, str]], gen: GenerationConfig, *, failures: dict[str, str]) -> MergeResult:
         out = self.pool.run([(BASE_EXPERT, messages)], gen)[0]
@@ -193,6 +207,26 @@ class Orchestrator:
         return answer
 
     # -- the main job ---------------------------------------------------------------------------------
+    def _begin(self, query: Query, opts: dict[str, Any]) -> _Job:
+        t0 = time.perf_counter()
+        gen = self._gen_config(opts.get("max_new_tokens"), opts.get("temperature"), opts.get("top_p"), opts.get("seed"))
+        strat = get_strategy(opts.get("strategy") or self.settings.strategy)
+        messages, question = self._prepare(query, gen)
+        routing = self.route(messages, k=opts.get("k"), min_weight=opts.get("min_weight"))
+        return _Job(t0, gen, strat.name, strat, messages, question, routing, time.perf_counter() - t0)
+
+    def _abstain(self, job: _Job) -> Answer:
+        res = self._base_answer(job.messages, job.gen, failures={})
+        return self._finish(job.question, job.strategy, job.routing, res, "abstained", job.t_route, job.t0)
+
+    def _conclude(self, job: _Job, res: MergeResult) -> Answer:
+        if res.all_failed or not res.text.strip():
+            failures = {c.expert: c.error or "empty answer" for c in res.contributions}
+            base = self._base_answer(job.messages, job.gen, failures=failures)
+            return self._finish(job.question, job.strategy, job.routing, base, "all experts failed",
+                                job.t_route, job.t0, res.contributions)
+        return self._finish(job.question, job.strategy, job.routing, res, None, job.t_route, job.t0)
+
     def ask(
         self,
         query: Query,
@@ -206,21 +240,11 @@ class Orchestrator:
         min_weight: float | None = None,
     ) -> Answer:
         """Route, run the top-k experts, merge. A failing expert never raises out of here."""
-        t0 = time.perf_counter()
-        gen = self._gen_config(max_new_tokens, temperature, top_p, seed)
-        strat = get_strategy(strategy or self.settings.strategy)
-        messages, question = self._prepare(query, gen)
-        routing = self.route(messages, k=k, min_weight=min_weight)
-        t_route = time.perf_counter() - t0
-        if routing.abstained:
-            res = self._base_answer(messages, gen, failures={})
-            return self._finish(question, strat.name, routing, res, "abstained", t_route, t0)
-        res = strat.run(self._context(messages, question, routing, gen))
-        if res.all_failed or not res.text.strip():
-            failures = {c.expert: c.error or "empty answer" for c in res.contributions}
-            base = self._base_answer(messages, gen, failures=failures)
-            return self._finish(question, strat.name, routing, base, "all experts failed", t_route, t0, res.contributions)
-        return self._finish(question, strat.name, routing, res, None, t_route, t0)
+        job = self._begin(query, dict(k=k, strategy=strategy, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_p=top_p, seed=seed, min_weight=min_weight))
+        if job.routing.abstained:
+            return self._abstain(job)
+        return self._conclude(job, job.impl.run(self._context(job)))
 
     async def aask(self, query: Query, **kwargs: Any) -> Answer:
         """Async :meth:`ask` (runs in a worker thread; the backends are thread-safe)."""
@@ -239,31 +263,24 @@ class Orchestrator:
         min_weight: float | None = None,
     ) -> Iterator[str | Answer]:
         """Yield the answer's text chunks as they are decoded, then the final :class:`Answer`."""
-        t0 = time.perf_counter()
-        gen = self._gen_config(max_new_tokens, temperature, top_p, seed)
-        strat = get_strategy(strategy or self.settings.strategy)
-        messages, question = self._prepare(query, gen)
-        routing = self.route(messages, k=k, min_weight=min_weight)
-        t_route = time.perf_counter() - t0
-        if routing.abstained:
-            res = self._base_answer(messages, gen, failures={})
-            yield res.text
-            yield self._finish(question, strat.name, routing, res, "abstained", t_route, t0)
+        job = self._begin(query, dict(k=k, strategy=strategy, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_p=top_p, seed=seed, min_weight=min_weight))
+        if job.routing.abstained:
+            answer = self._abstain(job)
+            yield answer.text
+            yield answer
             return
         final: MergeResult | None = None
-        for item in strat.stream(self._context(messages, question, routing, gen)):
+        for item in job.impl.stream(self._context(job)):
             if isinstance(item, MergeResult):
                 final = item
             else:
                 yield item
         assert final is not None
-        if final.all_failed or not final.text.strip():
-            failures = {c.expert: c.error or "empty answer" for c in final.contributions}
-            base = self._base_answer(messages, gen, failures=failures)
-            yield base.text
-            yield self._finish(question, strat.name, routing, base, "all experts failed", t_route, t0, final.contributions)
-            return
-        yield self._finish(question, strat.name, routing, final, None, t_route, t0)
+        answer = self._conclude(job, final)
+        if answer.fallback:  # nothing was streamed from the experts: send the base model's answer
+            yield answer.text
+        yield answer
 
     def generate(self, expert: str, query: Query, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> Generation:
