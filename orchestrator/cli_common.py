@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import typer
 
-__all__ = ["echo_json", "handle_errors", "offline_defaults"]
+__all__ = ["echo_json", "handle_errors", "offline_defaults", "one_line_errors"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,23 +29,30 @@ def offline_defaults() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Our errors and file-system errors become one line on stderr and exit 1, without a traceback."""
+    from expertmix.errors import ExpertmixError
+
+    try:
+        yield
+    except (ExpertmixError, OSError) as exc:
+        msg = " ".join(str(exc).split())
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
 def handle_errors(fn: F) -> F:
-    """Print an :class:`ExpertmixError` as one line on stderr and exit 1, without a traceback."""
+    """Decorator form of :func:`one_line_errors`; also sets the offline defaults."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from expertmix.errors import ExpertmixError
-
         offline_defaults()
-        try:
+        with one_line_errors():
             return fn(*args, **kwargs)
-        except ExpertmixError as exc:
-            msg = " ".join(str(exc).split())
-            typer.echo(f"error: {msg}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 

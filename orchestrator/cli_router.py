@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from expertmix.errors import ExpertmixError
+from orchestrator.cli_common import one_line_errors
+
 
 __all__ = ["register"]
 
@@ -23,19 +23,6 @@ LabelField = Annotated[str, typer.Option("--label-field", help="Field (column) h
 OodLabel = Annotated[
     Optional[str], typer.Option("--ood-label", help="Label value marking out-of-domain rows, e.g. oos.")
 ]
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """One line on stderr and exit 1 for our errors; no traceback."""
-    try:
-        yield
-    except ExpertmixError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except (FileExistsError, FileNotFoundError, PermissionError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
 
 
 def _fmt(v: Any) -> str:
@@ -72,7 +59,7 @@ def train(
     min_per_label: Annotated[int, typer.Option(help="Minimum rows per label.")] = 5,
 ) -> None:
     """Train a router and write it as a new version (the first version becomes current)."""
-    with _errors():
+    with one_line_errors():
         from router_training.data import DataConfig
         from router_training.embed import EmbedConfig
         from router_training.train import TrainConfig, train_and_save
@@ -107,7 +94,7 @@ def evaluate(
     report: Annotated[Optional[Path], typer.Option(help="Write report.json/.md/confusion_matrix.png here.")] = None,
 ) -> None:
     """Evaluate a router on labeled data (accuracy, macro-F1, calibration, OOD)."""
-    with _errors():
+    with one_line_errors():
         metrics, labels = _evaluate_files(router, data, ood, ood_label, text_field, label_field)
         if report is not None:
             from router_training.evaluate import write_report
@@ -159,7 +146,7 @@ def promote(
     label_field: LabelField = "label",
 ) -> None:
     """Make VERSION current, atomically; refuses one that scores worse unless --force."""
-    with _errors():
+    with one_line_errors():
         from router_training.artifact import RouterStore
 
         score: Callable[[Path], float] | None = None
@@ -176,7 +163,7 @@ def versions(
     store: Annotated[Optional[Path], typer.Option(help="Router store (default: expertmix home).")] = None,
 ) -> None:
     """List the versions in a store; * marks the current one."""
-    with _errors():
+    with one_line_errors():
         from router_training.artifact import RouterStore
 
         st = RouterStore(store)
@@ -195,7 +182,7 @@ def route(
     as_json: Annotated[bool, typer.Option("--json", help="Print the routing as JSON.")] = False,
 ) -> None:
     """Show which experts a question goes to, with weights and probabilities."""
-    with _errors():
+    with one_line_errors():
         from orchestrator.routing import Router
 
         r = Router.load(router).route(question, k=k, min_weight=min_weight)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from expertmix.errors import ExpertmixError
+from orchestrator.cli_common import one_line_errors
 
 __all__ = ["register", "train"]
 
@@ -61,7 +61,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune a LoRA expert; write a PEFT adapter, training_report.json and loss.png."""
-    try:
+    with one_line_errors():
         from experts.training import TrainConfig, train_expert
 
         cfg = TrainConfig(
@@ -71,12 +71,6 @@ def train(
             save_dtype=save_dtype, device=device, val_rows=val_rows or None, threads=threads, register=register_config, description=description, force=force,
         )  # fmt: skip
         result = train_expert(cfg, progress=not quiet)
-    except ExpertmixError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except (FileExistsError, PermissionError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
     rep = result.report

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from orchestrator.merge import register_strategy
 from orchestrator.merge.base import MergeContext, MergeResult
-from orchestrator.merge.common import require_local
+from orchestrator.merge.common import failed_result, require_local
 from orchestrator.trace import Contribution
 
 __all__ = ["AdapterMerge"]
@@ -32,15 +32,6 @@ class AdapterMerge:
             return key[0][0]
         return ctx.local.merged.get(dict(ctx.weights))
 
-    def _fail(self, ctx: MergeContext, exc: BaseException, t0: float) -> MergeResult:
-        err = f"{type(exc).__name__}: {exc}"
-        return MergeResult(
-            text="",
-            contributions=[Contribution(expert=n, weight=w, error=err) for n, w in ctx.weights],
-            experts_s=time.perf_counter() - t0,
-            all_failed=True,
-        )
-
     def run(self, ctx: MergeContext) -> MergeResult:
         t0 = time.perf_counter()
         name = self._merged(ctx)
@@ -49,7 +40,7 @@ class AdapterMerge:
             assert ctx.local is not None
             g = ctx.local.generate([(name, ctx.messages)], ctx.config)[0]
         except Exception as exc:  # noqa: BLE001 - fault policy
-            return self._fail(ctx, exc, t0)
+            return failed_result(ctx, exc, t0)
         elapsed = time.perf_counter() - t0 - merge_s
         return MergeResult(
             text=g.text,
@@ -76,7 +67,7 @@ class AdapterMerge:
         except Exception as exc:  # noqa: BLE001
             if chunks:
                 raise
-            yield self._fail(ctx, exc, t0)
+            yield failed_result(ctx, exc, t0)
             return
         elapsed = time.perf_counter() - t0 - merge_s
         yield MergeResult(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 from orchestrator.execution import Outcome
-from orchestrator.merge.base import MergeContext
+from orchestrator.merge.base import MergeContext, MergeResult
 from orchestrator.trace import Contribution
 from expertmix.errors import StrategyError
 
-__all__ = ["renormalize", "require_local", "run_weighted"]
+__all__ = ["failed_result", "renormalize", "require_local", "run_weighted"]
 
 
 def renormalize(weights: list[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -44,3 +44,14 @@ def require_local(ctx: MergeContext, strategy: str) -> None:
             f"strategy {strategy!r} needs local adapter weights, but {', '.join(remote)} "
             "run on a remote (OpenAI-compatible) backend; use 'synthesis' or 'top1' with remote experts"
         )
+
+
+def failed_result(ctx: MergeContext, exc: BaseException, t0: float) -> MergeResult:
+    """Every weighted expert failed with ``exc``: the core then falls back to the base model."""
+    err = f"{type(exc).__name__}: {exc}"
+    return MergeResult(
+        text="",
+        contributions=[Contribution(expert=n, weight=w, error=err) for n, w in ctx.weights],
+        experts_s=time.perf_counter() - t0,
+        all_failed=True,
+    )

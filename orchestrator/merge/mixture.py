@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from experts.backends.mixture import mixture_generate
 from orchestrator.merge import register_strategy
 from orchestrator.merge.base import MergeContext, MergeResult
-from orchestrator.merge.common import require_local
+from orchestrator.merge.common import failed_result, require_local
 from orchestrator.trace import Contribution
 
 __all__ = ["Mixture"]
@@ -33,13 +33,7 @@ class Mixture:
         try:
             g = mixture_generate(ctx.local, ctx.messages, dict(ctx.weights), ctx.config)
         except Exception as exc:  # noqa: BLE001 - fault policy
-            err = f"{type(exc).__name__}: {exc}"
-            return MergeResult(
-                text="",
-                contributions=[Contribution(expert=n, weight=w, error=err) for n, w in ctx.weights],
-                experts_s=time.perf_counter() - t0,
-                all_failed=True,
-            )
+            return failed_result(ctx, exc, t0)
         elapsed = time.perf_counter() - t0
         return MergeResult(
             text=g.text,
