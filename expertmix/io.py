@@ -105,8 +105,9 @@ def read_records(
     """Read JSON Lines (``.jsonl``/``.json``) or CSV rows as ``(line_number, row)``.
 
     Each row must hold every name in ``fields`` as a string; names in ``optional`` are
-    kept when present. Errors name the file, the line and the field. Blank lines in
-    JSON Lines files are skipped.
+    kept when present. Errors name the file, the line and the field (1-based physical lines:
+    records end at ``\n`` or ``\r\n`` only; a UTF-8 BOM is skipped). Blank lines in JSON
+    Lines files are skipped.
     """
     path = Path(path)
     if not path.is_file():
@@ -116,23 +117,17 @@ def read_records(
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise DataError(f"not valid UTF-8 ({exc.reason})", path=path, line=line) from exc
-    if raw.startswith("\ufeff"):
-        raw = raw[1:]
+    raw = raw.removeprefix("\ufeff")  # UTF-8 BOM (Excel, Notepad)
     rows: list[tuple[int, dict[str, Any]]] = []
+    # Records end at "\n" (or "\r\n") only. str.splitlines would also split on U+0085,
+    # U+2028, U+2029, \v, \f, ... which are ordinary characters inside JSON strings and
+    # CSV fields, and would shift every line number after them.
+    lines = raw.split("\n")
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(raw.splitlines(keepends=True))
-        missing = [f for f in fields if f not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(
-                f"CSV header lacks column(s) {', '.join(missing)} (header: {reader.fieldnames})",
-                path=path,
-                line=1,
-                field=missing[0],
-            )
-        for rec in reader:
-            rows.append((reader.line_num, dict(rec)))
+        rows = _csv_rows(path, lines, fields)
     else:
-        for lineno, line in enumerate(raw.splitlines(), start=1):
+        for lineno, line in enumerate(lines, start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -163,3 +158,34 @@ def read_records(
     if not out:
         raise DataError("no rows", path=path)
     return out
+
+
+def _csv_rows(path: Path, lines: list[str], fields: Sequence[str]) -> list[tuple[int, dict[str, Any]]]:
+    """CSV records as ``(first physical line, {column: value})``; quoted fields may span lines."""
+    if lines and not lines[-1]:
+        lines = lines[:-1]
+    reader = csv.reader(line + "\n" for line in lines)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise DataError(f"invalid CSV header ({exc})", path=path, line=1) from exc
+    missing = [f for f in fields if f not in (header or [])]
+    if header is None or missing:
+        raise DataError(
+            f"CSV header lacks column(s) {', '.join(missing)} (header: {header})",
+            path=path,
+            line=1,
+            field=missing[0] if missing else None,
+        )
+    rows: list[tuple[int, dict[str, Any]]] = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            rec = next(reader, None)
+        except csv.Error as exc:
+            raise DataError(f"invalid CSV ({exc})", path=path, line=start) from exc
+        if rec is None:
+            return rows
+        if not rec:
+            continue  # blank line
+        rows.append((start, {name: (rec[i] if i < len(rec) else None) for i, name in enumerate(header)}))

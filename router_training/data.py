@@ -32,6 +32,15 @@ class DataConfig:
     """Every label needs at least this many rows."""
     max_chars: int = 10_000
     """Longer texts are refused (they are almost always a parsing accident)."""
+    source_field: str | None = "source"
+    """Optional field naming where a row came from (leave-one-source-out evaluation)."""
+    on_conflict: str = "error"
+    """One text with two labels: ``error`` (training default) or ``drop`` (every row of that
+    text is dropped, counted in ``LabeledData.conflicts`` and reported; evaluation default)."""
+
+    def __post_init__(self) -> None:
+        if self.on_conflict not in ("error", "drop"):
+            raise DataError(f"on_conflict must be 'error' or 'drop', got {self.on_conflict!r}")
 
 
 @dataclass
@@ -45,6 +54,10 @@ class LabeledData:
     paths: list[str] = field(default_factory=list)
     issues: list[str] = field(default_factory=list)
     """Non-fatal findings (duplicates dropped), for the report."""
+    sources: list[str] = field(default_factory=list)
+    """Per row, the value of the source field ("" when absent); parallel to ``texts``."""
+    conflicts: int = 0
+    """Texts dropped because they appeared with two labels (``on_conflict="drop"``)."""
 
     @property
     def labels_set(self) -> list[str]:
@@ -77,36 +90,31 @@ def load_labeled(
 ) -> LabeledData:
     """Read and validate one labeled file.
 
-    Empty texts, bad label names, labels outside ``allowed_labels`` and one text with two
-    labels are errors naming the line; exact duplicates are dropped and reported in
-    ``issues``. With ``require_classes`` the file must hold at least two labels with
-    ``min_per_label`` rows each (training data); evaluation data may hold fewer.
+    Empty texts, bad label names and labels outside ``allowed_labels`` are errors naming
+    the line. One text with two labels is an error too, unless ``config.on_conflict`` is
+    ``drop``: then every row of that text is left out and counted. Exact duplicates are
+    dropped and reported in ``issues``. With ``require_classes`` the file must hold at
+    least two labels with ``min_per_label`` rows each (training data); evaluation data
+    may hold fewer.
     """
     cfg = config or DataConfig()
-    rows = read_records(path, [cfg.text_field, cfg.label_field])
+    optional = [cfg.source_field] if cfg.source_field else []
+    rows = read_records(path, [cfg.text_field, cfg.label_field], optional=optional)
     allowed = set(allowed_labels) if allowed_labels is not None else None
-    data = LabeledData(texts=[], labels=[], lines=[], paths=[str(path)])
-    seen: dict[str, tuple[str, int]] = {}
-    seen_ood: set[str] = set()
+    kept: dict[str, tuple[str, str, int, str]] = {}  # key -> (text, label, line, source)
+    conflicted: dict[str, tuple[str, int]] = {}
+    seen_ood: dict[str, str] = {}
     dups = 0
     for lineno, row in rows:
         text = _clean(row[cfg.text_field])
         label = row[cfg.label_field].strip()
-        if not text:
-            raise DataError(f"empty text in field '{cfg.text_field}'", path=path, line=lineno, field=cfg.text_field)
-        if len(text) > cfg.max_chars:
-            raise DataError(
-                f"text is {len(text)} characters (limit {cfg.max_chars})",
-                path=path,
-                line=lineno,
-                field=cfg.text_field,
-            )
+        _check_text(text, cfg, path, lineno)
+        key = text.lower()
         if cfg.ood_label is not None and label == cfg.ood_label:
-            if text.lower() in seen_ood:
+            if key in seen_ood:
                 dups += 1
             else:
-                seen_ood.add(text.lower())
-                data.ood_texts.append(text)
+                seen_ood[key] = text
             continue
         why = check_label_name(label)
         if why:
@@ -118,30 +126,58 @@ def load_labeled(
                 line=lineno,
                 field=cfg.label_field,
             )
-        key = text.lower()
-        if key in seen:
-            first_label, first_line = seen[key]
-            if first_label != label:
+        if key in conflicted:
+            continue
+        if key in kept:
+            _, first_label, first_line, _ = kept[key]
+            if first_label == label:
+                dups += 1
+                continue
+            if cfg.on_conflict == "error":
                 raise DataError(
                     f"text also appears on line {first_line} with label {first_label!r} "
-                    f"(here {label!r}); keep one",
+                    f"(here {label!r}); keep one, or pass --on-conflict drop to leave such texts out",
                     path=path,
                     line=lineno,
                     field=cfg.text_field,
                 )
-            dups += 1
+            conflicted[key] = (first_label, first_line)
+            del kept[key]
             continue
-        seen[key] = (label, lineno)
+        source = row.get(cfg.source_field, "") if cfg.source_field else ""
+        kept[key] = (text, label, lineno, str(source) if source is not None else "")
+    data = LabeledData(texts=[], labels=[], lines=[], paths=[str(path)])
+    for text, label, lineno, source in kept.values():
         data.texts.append(text)
         data.labels.append(label)
         data.lines.append(lineno)
+        data.sources.append(source)
+    data.ood_texts = [t for k, t in seen_ood.items() if k not in conflicted]
     if dups:
         data.issues.append(f"{path}: {dups} duplicate text(s) dropped")
+    if conflicted:
+        data.conflicts = len(conflicted)
+        first = ", ".join(f"line {ln}" for _, ln in list(conflicted.values())[:5])
+        data.issues.append(
+            f"{path}: {len(conflicted)} text(s) with conflicting labels skipped (first seen at {first})"
+        )
     if require_classes:
         _check_classes(data, cfg, path)
     elif not data.texts and not data.ood_texts:
         raise DataError("no rows", path=path)
     return data
+
+
+def _check_text(text: str, cfg: DataConfig, path: str | Path, lineno: int) -> None:
+    if not text:
+        raise DataError(f"empty text in field '{cfg.text_field}'", path=path, line=lineno, field=cfg.text_field)
+    if len(text) > cfg.max_chars:
+        raise DataError(
+            f"text is {len(text)} characters (limit {cfg.max_chars})",
+            path=path,
+            line=lineno,
+            field=cfg.text_field,
+        )
 
 
 def _check_classes(data: LabeledData, cfg: DataConfig, path: str | Path) -> None:
