@@ -217,6 +217,9 @@ def load_model(path: str | Path) -> RouterModel:
             f"format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}; retrain the router",
             path=path,
         )
+    from router_training.schema import check_meta, fail
+
+    check_meta(meta, path=path)
     if not weights_file.is_file():
         raise RouterArtifactError(f"weights file {WEIGHTS} is missing", path=path)
     expected = (meta.get("weights") or {}).get("sha256")
@@ -257,8 +260,10 @@ def load_model(path: str | Path) -> RouterModel:
         )
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise RouterArtifactError(f"artifact is malformed ({type(exc).__name__}: {exc})", path=path) from exc
-    dim = int(emb.get("dim", -1))
+    dim = int(emb["dim"])
     units = len(labels) if model.groups is None else len(model.groups)
+    if coef.ndim != 2 or coef.shape[1] != dim:
+        fail(path, "embedding.dim", f"{dim} does not match the weights (coef has shape {coef.shape})")
     if coef.shape != (units, dim) or intercept.shape != (units,):
         raise RouterArtifactError(
             f"weights have shape {coef.shape}/{intercept.shape}, expected ({units}, {dim})", path=path

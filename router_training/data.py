@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -14,10 +13,10 @@ from pathlib import Path
 
 from expertmix.errors import DataError
 from expertmix.io import file_sha256, read_records
+from router_training.schema import label_problem
 
 __all__ = ["DataConfig", "LabeledData", "check_label_name", "load_labeled", "load_texts", "data_hash"]
 
-_LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
@@ -68,13 +67,8 @@ class LabeledData:
 
 
 def check_label_name(label: str) -> str | None:
-    """Why ``label`` cannot name an expert, or None when it can."""
-    if not _LABEL_RE.match(label):
-        return (
-            f"label {label!r} is not a valid expert name "
-            "(letters, digits, '_', '-', '.', starting with a letter, at most 64 characters)"
-        )
-    return None
+    """Why ``label`` cannot name an expert, or None when it can (the expert-name rule)."""
+    return label_problem(label)
 
 
 def _clean(text: str) -> str:
