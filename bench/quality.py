@@ -1,8 +1,12 @@
-"""Answer quality by strategy: per-token NLL of reference responses under base, oracle, routed top1, mixture, adapter_merge.
+"""Answer quality by strategy: per-token NLL of reference responses, single-domain and cross-department.
 
-    python bench/quality.py [--quick] [--out FILE.json]
+    python bench/quality.py --set single|composite|both [--quick] [--smoke] [--out FILE.json]
 
-Data: ``experts/<domain>/val.jsonl`` of the shared data (fields instruction, response), an
+JSON: ``{"single": {"nll": {...}, ...}, "composite": {"nll": {...}, "parts_routed_correctly": x, ...}}``.
+``--set composite`` is described in bench/quality_composite.py (set built by bench/composite.py).
+``--smoke``: one row per set, 4 reference tokens, 4-token drafts (seconds; the test suite runs it).
+
+Single set. Data: ``experts/<domain>/val.jsonl`` of the shared data (fields instruction, response), an
 evenly spaced fixed sample per domain (10 rows with ``--quick``, 48 without). Each response is
 scored teacher-forced after its instruction, encoded exactly as in training and at inference
 (chat template, generation prompt; the scored tokens are the response and its end-of-turn
@@ -31,6 +35,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -54,29 +59,15 @@ def _sample(n_total: int, n: int) -> list[int]:
     return [int(i * step) for i in range(n)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = C.parser(__doc__)
-    ap.add_argument("--rows", type=int, default=None, help="rows per domain (0 = all); default 48, --quick 10")
-    ap.add_argument("--max-length", type=int, default=384, help="max prompt+response tokens per row")
-    ap.add_argument("--data", type=Path, default=C.data_root(), help="shared data root (experts/<domain>/val.jsonl)")
-    ap.add_argument("--router", type=Path, default=None, help="router artifact or store (default: as Router.load())")
-    args = ap.parse_args(argv)
-    n_rows = args.rows if args.rows is not None else (10 if args.quick else 48)
-    t_start = time.perf_counter()
-
+def run_single(*, local: Any, router: Any, data: Path, n_rows: int, max_length: int, max_ref_tokens: int | None,
+               quick: bool) -> dict:
+    """Today's single-domain table (printed); returns the ``single`` section of the bench JSON."""
     import torch
 
-    from experts.backends.local import LocalBackend
-    from experts.models import load_base
-    from experts.registry import BASE_EXPERT, ExpertSpec
+    from experts.registry import BASE_EXPERT
     from experts.training_data import encode_pairs, load_pairs
-    from orchestrator.routing import Router
 
-    adapters, kind = C.resolve_adapters(args.adapters)
-    local = LocalBackend(load_base(), [ExpertSpec(name=d, adapter=adapters / d) for d in C.DOMAINS])
-    router = Router.load(args.router)
-    C.set_threads(args.threads)
-    info = C.machine_info()
+    t_start = time.perf_counter()
     dev = local.base.device
 
     sums = {m: {d: 0.0 for d in C.DOMAINS} for m in MODELS}
@@ -87,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     merge_times: list[float] = []
     examples: dict[str, list[dict]] = {}
     for domain in C.DOMAINS:
-        path = args.data / "experts" / domain / "val.jsonl"
+        path = data / "experts" / domain / "val.jsonl"
         pairs = load_pairs(path, min_rows=1)
         idx = _sample(len(pairs), n_rows)
         pairs = [pairs[i] for i in idx]
         rows_used[domain] = len(pairs)
-        encoded, truncated[domain] = encode_pairs(local.tokenizer, pairs, max_length=args.max_length, path=path)
+        encoded, truncated[domain] = encode_pairs(local.tokenizer, pairs, max_length=max_length, path=path)
+        if max_ref_tokens:  # --smoke: score only the first few response tokens
+            encoded = [_clip(row, max_ref_tokens) for row in encoded]
         routings = router.route_batch([p.instruction for p in pairs], k=2)
         top1 = Counter(r.experts[0].name for r in routings)
         abstained = sum(r.abstained for r in routings)
@@ -140,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         C.log(f"{domain}: {len(encoded)} rows scored ({time.perf_counter() - t_start:.0f} s)")
 
     # the encoding above must agree with LocalBackend.score_nll (the public scoring API)
-    first = load_pairs(args.data / "experts" / C.DOMAINS[0] / "val.jsonl", min_rows=1)[0]
+    first = load_pairs(data / "experts" / C.DOMAINS[0] / "val.jsonl", min_rows=1)[0]
     api_sum, api_n = local.score_nll(C.DOMAINS[0], [{"role": "user", "content": first.instruction}], first.response)
     enc = encode_pairs(local.tokenizer, [first], max_length=10**6, path="check")[0][0]
     bench_n = sum(1 for x in enc.labels if x != -100)
@@ -158,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Per-token NLL of reference val responses (lower is better); {', '.join(f'{d} {rows_used[d]}' for d in C.DOMAINS)} "
           f"rows (evenly spaced fixed sample of each val.jsonl), {sum(tokens.values())} scored tokens; "
-          f"mean = mean over domains; adapters: {kind}")
+          f"mean = mean over domains")
     rows = []
     for m in MODELS:
         rows.append([
@@ -179,9 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"targets: top1 within 2% of oracle: {'yes' if targets['top1_within_2pct_of_oracle'] else 'NO'} "
           f"({100 * rel_oracle['top1']:+.1f}%); top1 >= 10% below base: "
           f"{'yes' if targets['top1_at_least_10pct_below_base'] else 'NO'} ({100 * rel_base['top1']:+.1f}%)")
-    print(C.machine_line(info))
 
-    result = {
+    return {
         "nll": nll,
         "nll_per_domain": per_domain,
         "relative_to_base": rel_base,
@@ -198,15 +190,87 @@ def main(argv: list[str] | None = None) -> int:
                     "cache_hits": local.merged.hits, "cache_misses": local.merged.misses},
         "check_score_nll": {"score_nll_tokens": api_n, "bench_tokens": bench_n,
                             "score_nll_per_token": api_sum / api_n},
-        "settings": {"quick": args.quick, "rows_per_domain": n_rows, "max_length": args.max_length,
+        "settings": {"quick": quick, "rows_per_domain": n_rows, "max_length": max_length, "max_ref_tokens": max_ref_tokens,
                      "sample": "evenly spaced: row int(i * n_total / n) for i < n", "k": 2,
                      "mean": "unweighted mean of the per-domain per-token NLLs"},
-        "router": str(router.path),
-        "adapters": C.adapter_info(adapters, kind),
-        "machine": info,
         "time_s": round(time.perf_counter() - t_start, 1),
     }
-    C.write_json(args.out, result)
+
+
+def _clip(row, n: int):  # noqa: ANN001, ANN202
+    from dataclasses import replace
+
+    n_prompt = sum(1 for x in row.labels if x == -100)
+    return replace(row, input_ids=row.input_ids[: n_prompt + n], labels=row.labels[: n_prompt + n])
+
+
+def _relative_paths(obj: Any) -> Any:
+    """Strings holding this machine's absolute paths → relative to the repository (results JSON rule)."""
+    if isinstance(obj, dict):
+        return {k: _relative_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative_paths(v) for v in obj]
+    if isinstance(obj, str):
+        for prefix, to in ((str(C.REPO) + "/", ""), (str(C.REPO.parent) + "/", "../")):
+            obj = obj.replace(prefix, to)
+        from expertmix.io import expertmix_home
+
+        return obj.replace(str(expertmix_home()), "$EXPERTMIX_HOME")
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = C.parser(__doc__)
+    ap.add_argument("--set", choices=("single", "composite", "both"), default="single",
+                    help="single-domain val rows (today's table), cross-department requests, or both")
+    ap.add_argument("--smoke", action="store_true", help="seconds: one row per set, 4 reference tokens, 4-token drafts")
+    ap.add_argument("--rows", type=int, default=None, help="single: rows per domain (0 = all); default 48, --quick 10")
+    ap.add_argument("--composite-rows", type=int, default=None, help="composite requests; default 48, --quick 12")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the composite set")
+    ap.add_argument("--draft-tokens", type=int, default=48, help="synthesis drafts: greedy tokens per expert")
+    ap.add_argument("--max-length", type=int, default=384, help="single: max prompt+response tokens per row")
+    ap.add_argument("--data", type=Path, default=C.data_root(), help="shared data root (experts/<domain>/val.jsonl)")
+    ap.add_argument("--router", type=Path, default=None, help="router artifact or store (default: as Router.load())")
+    args = ap.parse_args(argv)
+    n_rows = 1 if args.smoke else args.rows if args.rows is not None else (10 if args.quick else 48)
+    n_comp = 1 if args.smoke else args.composite_rows if args.composite_rows is not None else (12 if args.quick else 48)
+    max_ref = 4 if args.smoke else None
+    t_start = time.perf_counter()
+
+    from experts.backends.local import LocalBackend
+    from experts.models import load_base
+    from experts.registry import ExpertSpec
+    from orchestrator.config import load_config
+    from orchestrator.routing import Router
+
+    adapters, kind = C.resolve_adapters(args.adapters)
+    local = LocalBackend(load_base(), [ExpertSpec(name=d, adapter=adapters / d) for d in C.DOMAINS])
+    router = Router.load(args.router)
+    C.set_threads(args.threads)
+    info = C.machine_info()
+    ainfo = C.adapter_info(adapters, kind)
+    result: dict[str, Any] = {}
+    if args.set in ("single", "both"):
+        result["single"] = run_single(local=local, router=router, data=args.data, n_rows=n_rows,
+                                      max_length=args.max_length, max_ref_tokens=max_ref, quick=args.quick)
+        print()
+    if args.set in ("composite", "both"):
+        import quality_composite as QC
+
+        cfg = load_config()
+        result["composite"] = QC.run(
+            local=local, router=router, data=args.data, n_rows=n_comp, seed=args.seed, k=cfg.router.k,
+            min_weight=cfg.router.min_weight, settings=cfg.orchestrator, draft_tokens=4 if args.smoke else args.draft_tokens,
+            max_ref_tokens=max_ref, adapter_hash=ainfo["sha256_12"],
+        )
+        QC.print_table(result["composite"])
+        print()
+    print(f"adapters: {kind}; router: {router.path}")
+    print(C.machine_line(info) + "; this machine is shared and noisy (NLLs are exact; times are not)")
+    result.update({"settings": {"set": args.set, "quick": args.quick, "smoke": args.smoke},
+                   "router": str(router.path), "adapters": ainfo, "machine": info,
+                   "time_s": round(time.perf_counter() - t_start, 1)})
+    C.write_json(args.out, _relative_paths(result))
     return 0
 
 
