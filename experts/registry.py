@@ -6,6 +6,7 @@ for "the base model with no adapter" and is always available.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -15,11 +16,43 @@ from typing import Any
 
 from expertmix.errors import ConfigError, UnknownExpert
 
-__all__ = ["BASE_EXPERT", "BaseSpec", "ExpertRegistry", "ExpertSpec", "parse_base", "parse_experts"]
+__all__ = [
+    "BASE_EXPERT",
+    "NAME_PATTERN",
+    "BaseSpec",
+    "ExpertRegistry",
+    "ExpertSpec",
+    "name_problem",
+    "parse_base",
+    "parse_experts",
+]
 
 BASE_EXPERT = "__base__"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+#: The one name rule for expert names and router labels: lowercase letter first, then lowercase
+#: letters, digits, '-' or '_' (64 characters at most). ``__base__`` is reserved.
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
 BACKENDS = ("local", "openai")
+
+
+def name_problem(name: object, *, what: str = "expert name") -> str | None:
+    """``None`` if ``name`` is a valid expert name / router label, else what is wrong and how to fix it."""
+    if not isinstance(name, str):
+        return f"{what} must be a string, got {type(name).__name__}"
+    if name == BASE_EXPERT:
+        return f"{what} '{BASE_EXPERT}' is reserved for the base model; pick another name"
+    if not _NAME_RE.match(name):
+        return (
+            f"invalid {what} {name!r}: use 1-64 lowercase letters, digits, '-' or '_', starting with a letter "
+            f"(e.g. {_suggest(name)!r})"
+        )
+    return None
+
+
+def _suggest(name: str) -> str:
+    s = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")
+    s = re.sub(r"^[^a-z]+", "", s)[:64]
+    return s or "my-expert"
 
 
 @dataclass(frozen=True)
@@ -43,6 +76,33 @@ class ExpertSpec:
     api_key: str | None = None
     remote_name: str | None = None  # model name on the remote server; defaults to ``name``
     timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        # Checks that need no file system: the name rule, the backend, numbers. Whether the adapter
+        # exists is checked when a config is loaded (ExpertmixConfig), not here: a backend may be
+        # handed a spec whose adapter it must reject with AdapterError.
+        problem = name_problem(self.name)
+        if problem:
+            raise ConfigError(problem, key="experts.name")
+        if self.backend not in BACKENDS:
+            raise ConfigError(
+                f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}", key="experts.backend"
+            )
+        if self.adapter is not None and not isinstance(self.adapter, Path):
+            object.__setattr__(self, "adapter", Path(self.adapter))
+        if self.backend == "local" and self.adapter is None:
+            raise ConfigError(
+                f"local expert {self.name!r} needs 'adapter' (a PEFT adapter directory)", key="experts.adapter"
+            )
+        if self.backend == "openai" and not self.base_url:
+            raise ConfigError(
+                f"openai expert {self.name!r} needs 'base_url', e.g. http://127.0.0.1:8001/v1", key="experts.base_url"
+            )
+        t = self.timeout_s
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+        ):
+            raise ConfigError(f"must be a positive, finite number of seconds, got {t!r}", key="experts.timeout_s")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,46 +161,33 @@ def parse_experts(tables: Any, *, path: str) -> list[ExpertSpec]:
         name = _str(t, "name", None, path=path, where=where)
         if not name:
             raise ConfigError("missing 'name'", path=path, key=where)
-        if name == BASE_EXPERT:
-            raise ConfigError(f"'{BASE_EXPERT}' is reserved for the base model", path=path, key=f"{where}.name")
-        if not _NAME_RE.match(name):
-            raise ConfigError(
-                f"invalid expert name {name!r}: use lowercase letters, digits, '-' or '_' (start with a letter)",
-                path=path,
-                key=f"{where}.name",
-            )
         if name in seen:
-            raise ConfigError(f"duplicate expert name {name!r}", path=path, key=f"{where}.name")
+            raise ConfigError(f"duplicate expert name {name!r}; each expert needs its own", path=path, key=f"{where}.name")
         seen.add(name)
-        backend = _str(t, "backend", "local", path=path, where=where) or "local"
-        if backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}", path=path, key=f"{where}.backend")
         adapter_s = _str(t, "adapter", None, path=path, where=where)
         adapter = None
         if adapter_s:
             adapter = Path(adapter_s).expanduser()
             if not adapter.is_absolute():
                 adapter = (base_dir / adapter).resolve()
-        if backend == "local" and adapter is None:
-            raise ConfigError(f"local expert {name!r} needs 'adapter' (a PEFT adapter directory)", path=path, key=f"{where}.adapter")
-        base_url = _str(t, "base_url", None, path=path, where=where)
-        if backend == "openai" and not base_url:
-            raise ConfigError(f"openai expert {name!r} needs 'base_url', e.g. http://127.0.0.1:8001/v1", path=path, key=f"{where}.base_url")
         timeout = t.get("timeout_s")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ConfigError("must be a positive number of seconds", path=path, key=f"{where}.timeout_s")
-        specs.append(
-            ExpertSpec(
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+            raise ConfigError(f"must be a number of seconds, got {timeout!r}", path=path, key=f"{where}.timeout_s")
+        try:
+            spec = ExpertSpec(
                 name=name,
                 description=_str(t, "description", "", path=path, where=where) or "",
                 adapter=adapter,
-                backend=backend,
-                base_url=base_url,
+                backend=_str(t, "backend", "local", path=path, where=where) or "local",
+                base_url=_str(t, "base_url", None, path=path, where=where),
                 api_key=_str(t, "api_key", None, path=path, where=where),
                 remote_name=_str(t, "remote_name", None, path=path, where=where),
                 timeout_s=float(timeout) if timeout is not None else None,
             )
-        )
+        except ConfigError as exc:
+            field_ = (exc.key or "experts.name").split(".", 1)[1]
+            raise ConfigError(str(exc), path=path, key=f"{where}.{field_}") from None
+        specs.append(spec)
     return specs
 
 

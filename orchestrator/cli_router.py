@@ -205,7 +205,7 @@ def register(app: typer.Typer) -> None:
     group.command("promote")(promote)
     group.command("versions")(versions)
     app.add_typer(group, name="router")
-    app.command("route")(route)
+    # `route` itself lives in orchestrator/cli.py (takes --config, applies min_weight like `ask`).
 
 
 def _main() -> None:  # pragma: no cover - `python -m orchestrator.cli_router` for manual use

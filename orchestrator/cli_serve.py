@@ -38,8 +38,9 @@ def register(app: typer.Typer) -> None:
         config: Annotated[Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")] = None,
         api_key: Annotated[Optional[str], typer.Option(
             envvar="EXPERTMIX_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics.")] = None,
-        batching: Annotated[bool, typer.Option(
-            "--batching/--no-batching", help="Decode concurrent requests together (local experts).")] = True,
+        batching: Annotated[Optional[bool], typer.Option(
+            "--batching/--no-batching",
+            help="Decode concurrent requests together (local experts) (default: the config's server.batching).")] = None,
         max_batch_size: Annotated[Optional[int], typer.Option(help="Rows per decoded batch at most.")] = None,
         max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a batch waits for more requests.")] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -54,6 +55,7 @@ def register(app: typer.Typer) -> None:
         s = cfg.server
         s = replace(
             s,
+            batching=batching if batching is not None else s.batching,
             host=host if host is not None else s.host,
             port=port if port is not None else s.port,
             api_key=api_key if api_key is not None else s.api_key,
@@ -74,8 +76,17 @@ def register(app: typer.Typer) -> None:
         from orchestrator.server.app import create_app
 
         om = Orchestrator(cfg)
-        app_ = create_app(om, settings=s, batching=batching, owns_orchestrator=True)
+        app_ = create_app(om, settings=s, batching=s.batching, owns_orchestrator=True)
         typer.echo(f"expertmix: serving {', '.join(om.expert_names)} + expertmix on http://{s.host}:{s.port}/v1", err=True)
         server = uvicorn.Server(uvicorn.Config(app_, host=s.host, port=s.port, log_level=log_level,
                                                timeout_graceful_shutdown=10, access_log=log_level == "debug"))
-        server.run()
+        from orchestrator.client import remove_port_file, write_port_file
+
+        # `expertmix ask/route/generate` with the same config find this server through the port file.
+        client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+        write_port_file(url=f"http://{'[' + client_host + ']' if ':' in client_host else client_host}:{s.port}",
+                        config=config)
+        try:
+            server.run()
+        finally:
+            remove_port_file()

@@ -13,7 +13,30 @@ import typer
 
 from orchestrator.cli_common import one_line_errors
 
-__all__ = ["register", "train"]
+__all__ = ["preflight_out", "register", "train"]
+
+
+def preflight_out(out: Path) -> None:
+    """Check ``--out`` before any training, so a bad path costs seconds, not a training run.
+
+    An existing *empty* directory is accepted (it is replaced by the adapter); the nearest existing
+    parent must be a writable directory. Non-empty directories are judged by the trainer (``--force``).
+    """
+    import os
+
+    from expertmix.errors import ConfigError
+
+    out = out.expanduser()
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # the trainer writes the adapter atomically and refuses an existing directory
+        return
+    if out.exists():
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {parent} is not a writable directory; choose another --out")
 
 
 def train(
@@ -59,16 +82,21 @@ def train(
     description: Annotated[str, typer.Option("--description", help="Description written with --register.")] = "",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing adapter / registered name.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    init_adapter: Annotated[
+        Optional[Path], typer.Option("--init-adapter", help="Continue training this adapter (its rank, alpha, targets).")
+    ] = None,
 ) -> None:
     """Fine-tune a LoRA expert; write a PEFT adapter, training_report.json and loss.png."""
     with one_line_errors():
         from experts.training import TrainConfig, train_expert
 
+        preflight_out(out if out is not None else Path("adapters") / name)
         cfg = TrainConfig(
             name=name, data=data, val=val, out=out, base=base, rank=rank, alpha=alpha, targets=tuple(targets.split(",")),
             dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps, seed=seed,
             max_length=max_length, long_prompts=long_prompts, instruction_field=instruction_field, response_field=response_field,
             save_dtype=save_dtype, device=device, val_rows=val_rows or None, threads=threads, register=register_config, description=description, force=force,
+            init_adapter=init_adapter,
         )  # fmt: skip
         result = train_expert(cfg, progress=not quiet)
     for w in result.warnings:

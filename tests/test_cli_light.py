@@ -76,3 +76,94 @@ def test_non_utf8_argument_is_a_clear_error() -> None:
     )
     assert res.returncode == 1
     assert b"UTF-8" in res.stderr and b"Traceback" not in res.stderr
+
+
+def test_version_and_completion() -> None:
+    from importlib.metadata import version
+
+    res = _run("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"expertmix {version('expertmix')}"
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    out = CliRunner().invoke(app, ["--help"]).output
+    assert "--install-completion" in out and "--show-completion" in out
+
+
+def test_help_shows_defaults() -> None:
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    def flat(args: list[str]) -> str:  # the help table wraps inside box-drawing borders
+        return " ".join(CliRunner().invoke(app, args).output.replace("│", " ").split())
+
+    out = flat(["ask", "--help"])
+    assert "router.k; 2 if unset" in out and "orchestrator.strategy; synthesis if unset" in out
+    out = flat(["experts", "train", "--help"])
+    assert "default: 16" in out  # --rank
+
+
+def test_bad_argv_bytes_are_one_clean_line_for_route_and_ask() -> None:
+    for cmd in (b"route", b"ask"):
+        res = subprocess.run([sys.executable.encode(), b"-m", b"orchestrator.cli", cmd, b"\xff"],
+                             capture_output=True, timeout=120)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.startswith(b"error: ") and res.stderr.count(b"\n") == 1 and b"UTF-8" in res.stderr
+
+
+def test_config_show_validate_schema(tmp_path) -> None:
+    from orchestrator.cli_config import to_toml
+    from orchestrator.config import load_config
+
+    res = _run("config", "show")
+    assert res.returncode == 0, res.stderr
+    assert "min_weight = 0.05" in res.stdout and "max_wait_ms = 10.0" in res.stdout
+    # what `config show` prints is a config that loads back to the same values
+    p = tmp_path / "effective.toml"
+    p.write_text(to_toml(load_config().to_dict()), encoding="utf-8")
+    assert load_config(p).to_dict() == load_config().to_dict()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[orchestrator]\nstrategy = "bogus"\n')
+    res = _run("config", "validate", str(bad))
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert "[orchestrator.strategy]" in res.stderr and "synthesis" in res.stderr and str(bad) in res.stderr
+    res = _run("config", "validate", str(p))
+    assert res.returncode == 0 and ": ok (3 experts" in res.stdout
+    res = _run("config", "schema")
+    assert json.loads(res.stdout)["properties"]["router"]["properties"]["k"]["default"] == 2
+
+
+def test_stats_skips_torn_and_wrong_shaped_lines(tmp_path) -> None:
+    good = {"ts": 1, "strategy": "top1", "routing": {"abstained": False},
+            "experts": [{"expert": "finance", "weight": 1.0, "tokens": 3, "latency_s": 0.5, "error": None}]}
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join([json.dumps(good), "[1, 2]", '{"experts": "x"}', '{"experts": [3]}',
+                              json.dumps(good), json.dumps(good)[:25]]) + "\n", encoding="utf-8")
+    res = _run("stats", str(log), "--json")
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout)
+    assert s["queries"] == 2 and s["skipped_lines"] == 4 and s["experts"]["finance"]["queries"] == 2
+    res = _run("stats", str(tmp_path / "none.jsonl"))
+    assert res.returncode == 1 and "log_file" in res.stderr
+
+
+def test_train_checks_out_before_training(tmp_path) -> None:
+    from orchestrator.cli_train import preflight_out
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "q", "response": "a"}) + "\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = _run("experts", "train", "--name", "legal", "--data", str(data), "--out", str(blocker / "x"), "--quiet")
+    assert res.returncode == 1 and "not a writable directory" in res.stderr, res.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    preflight_out(empty)  # an existing empty directory is accepted: the adapter replaces it
+    assert not empty.exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("keep me")
+    res = _run("experts", "train", "--name", "legal", "--data", str(data), "--out", str(full), "--quiet")
+    assert res.returncode == 1 and "non-empty" in res.stderr and (full / "notes.txt").exists(), res.stderr
