@@ -9,6 +9,7 @@
     │   ├── UnknownExpert           name not configured
     │   ├── AdapterError            adapter directory missing, malformed, or for another base
     │   ├── ExpertTimeout           expert did not answer in time
+    │   ├── RequestCancelled        the caller cancelled the work (client went away, shutdown)
     │   └── ExpertUnavailable       expert failed / remote server refused or errored
     ├── RouterError
     │   ├── RouterNotFitted         router used before fit()
@@ -99,6 +100,10 @@ class ExpertTimeout(ExpertError, TimeoutError):
     """An expert did not answer within its timeout."""
 
 
+class RequestCancelled(ExpertError):
+    """The work was cancelled by its caller (a dropped client, a shutdown) before it finished."""
+
+
 class ExpertUnavailable(ExpertError):
     """An expert failed, or its remote server refused or errored."""
 
@@ -154,6 +159,7 @@ __all__ = [
     "RouterError",
     "RouterMismatch",
     "RouterNotFitted",
+    "RequestCancelled",
     "StrategyError",
     "UnknownExpert",
 ]

@@ -12,22 +12,25 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experts.backends.base import Backend, Generation, GenerationConfig
-from experts.prompts import Query, last_user_text, normalize_messages
+from experts.backends.base import Backend, CancelToken, Generation, GenerationConfig
+from experts.prompts import Message, Query, last_user_text, normalize_messages
 from experts.registry import BASE_EXPERT, ExpertSpec
-from expertmix.errors import AllExpertsFailed, ConfigError, InputError
+from expertmix.errors import AllExpertsFailed, ConfigError
 from orchestrator.config import ExpertmixConfig, load_config
 from orchestrator.execution import ExpertPool
 from orchestrator.merge import get_strategy
 from orchestrator.merge.base import MergeContext, MergeResult, MergeStrategy
+from orchestrator.planning import Plan, PlanContext, get_planner
+from orchestrator.request import RequestOptions
 from orchestrator.trace import Answer, AnswerLog, Contribution, Timings
 
 if TYPE_CHECKING:
+    from experts.backends.batcher import DynamicBatcher
     from experts.backends.local import LocalBackend
     from orchestrator.routing import Router, Routing
 
@@ -65,20 +68,33 @@ def _build_backends(config: ExpertmixConfig, overrides: Mapping[str, Backend]) -
 
 @dataclass
 class _Job:
-    """One query in flight: decoding options, strategy, messages and the routing decision."""
+    """One query in flight: its options, decoding settings, strategy, messages, plan and routing."""
 
     t0: float
+    opts: RequestOptions
     gen: GenerationConfig
     strategy: str
     impl: MergeStrategy
-    messages: list[dict[str, str]]
+    messages: list[Message]
     question: str
-    routing: Routing
+    plan: Plan
     t_route: float
+    cancel: CancelToken | None
+
+    @property
+    def routing(self) -> Routing:
+        return self.plan.routing
 
 
 class Orchestrator:
-    """Routes a query to the top-k experts, runs them, and merges their answers. Thread-safe."""
+    """Routes a query to the top-k experts, runs them, and merges their answers. Thread-safe.
+
+    Every door (``ask``, ``stream``, ``generate``, the CLI, the HTTP server) builds its decoding
+    settings in one place (:class:`~orchestrator.request.RequestOptions`) and generates through one
+    execution layer (:class:`~orchestrator.execution.ExpertPool`: deadlines, cancellation, error
+    policy). ``batching=True`` decodes concurrent requests together (the server turns it on); the
+    orchestrator then owns the batcher and closes it.
+    """
 
     def __init__(
         self,
@@ -86,6 +102,7 @@ class Orchestrator:
         *,
         router: Router | None = None,
         backends: Mapping[str, Backend] | None = None,
+        batching: bool = False,
     ) -> None:
         from orchestrator.routing import Router, check_labels
 
@@ -94,7 +111,15 @@ class Orchestrator:
         self.router = router if router is not None else Router.load(config.router.path)
         names = [e.name for e in config.experts]
         check_labels(self.router, names)
-        self.routes, self.local = _build_backends(config, backends or {})
+        routes, self.local = _build_backends(config, backends or {})
+        self.batcher: DynamicBatcher | None = None
+        if batching and self.local is not None:
+            from experts.backends.batcher import DynamicBatcher
+
+            s = config.server
+            self.batcher = DynamicBatcher(self.local, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms)
+            routes = {n: (self.batcher if b is self.local else b) for n, b in routes.items()}
+        self.routes = routes
         agg = self.settings.aggregator
         if agg not in self.routes:
             raise ConfigError(f"aggregator {agg!r} has no backend", path=config.path, key="orchestrator.aggregator")
@@ -103,6 +128,7 @@ class Orchestrator:
             timeout_s=self.settings.expert_timeout_s,
             timeouts={e.name: e.timeout_s for e in config.experts if e.timeout_s is not None},
             max_workers=max(16, config.server.max_queue),
+            local=self.local,
         )
         if self.local is not None:
             self.local.merged.max_size = self.settings.merge_cache_size
@@ -114,60 +140,76 @@ class Orchestrator:
         """Build from an ``expertmix.toml``; no argument = the shipped defaults."""
         return cls(load_config(path), **kwargs)
 
-    # -- context manager ------------------------------------------------------------------------------
+    # -- lifetime ---------------------------------------------------------------------------------------
     def __enter__(self) -> Orchestrator:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> Orchestrator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
     def close(self) -> None:
+        """Stop the batcher, the worker pool and every backend (idempotent)."""
         if not self._closed.is_set():
             self._closed.set()
+            if self.batcher is not None:
+                self.batcher.close()
             self.pool.close()
 
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.config.experts]
 
-    # -- pieces ---------------------------------------------------------------------------------------
-    def _gen_config(self, max_new_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None) -> GenerationConfig:
-        try:
-            return GenerationConfig(
-                max_new_tokens=max_new_tokens if max_new_tokens is not None else self.settings.max_new_tokens,
-                temperature=temperature if temperature is not None else self.settings.temperature,
-                top_p=top_p if top_p is not None else 1.0,
-                seed=seed,
-                repetition_penalty=self.settings.repetition_penalty,
-            )
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
-
-    def _prepare(self, query: Query, gen: GenerationConfig) -> tuple[list[dict[str, str]], str]:
+    # -- pieces -------------------------------------------------------------------------------------------
+    def _prepare(self, query: Query, gen: GenerationConfig) -> tuple[list[Message], str]:
         messages = normalize_messages(query)
         if self.local is not None:
-            n = len(self.local.encode_prompt(messages))
-            self.local._check_length(n, gen.max_new_tokens)
+            self.local.check_prompt(messages, gen.max_new_tokens)
         return messages, last_user_text(messages)
 
     def route(self, query: Query, *, k: int | None = None, min_weight: float | None = None) -> Routing:
-        """Score the experts for a query (no generation)."""
-        messages = normalize_messages(query)
-        k = self.config.router.k if k is None else k
-        if k < 1:
-            raise InputError("k must be >= 1")
-        return self.router.route(
-            last_user_text(messages),
-            k=min(k, len(self.router.labels)),
-            min_weight=self.config.router.min_weight if min_weight is None else min_weight,
-        )
+        """Score the experts for a query (no generation); ``min_weight`` applies exactly as in ``ask``."""
+        opts = RequestOptions(k=k, min_weight=min_weight)
+        return self.router.route(last_user_text(normalize_messages(query)), **self._routing_args(opts))
+
+    def _routing_args(self, opts: RequestOptions) -> dict[str, Any]:
+        k = self.config.router.k if opts.k is None else opts.k
+        mw = self.config.router.min_weight if opts.min_weight is None else opts.min_weight
+        return {"k": min(k, len(self.router.labels)), "min_weight": mw}
+
+    def plan(self, query: Query, *, planner: str | None = None, k: int | None = None,
+             min_weight: float | None = None) -> Plan:
+        """Split the request into parts, each with its own routing (no expert generation)."""
+        opts = RequestOptions(planner=planner, k=k, min_weight=min_weight)
+        return self._plan(last_user_text(normalize_messages(query)), opts, None, uses_plan=True)
+
+    def _plan(self, question: str, opts: RequestOptions, cancel: CancelToken | None, *, uses_plan: bool) -> Plan:
+        name = (opts.planner or self.settings.planner) if uses_plan else "none"
+        ra = self._routing_args(opts)
+        ctx = PlanContext(router=self.router, k=ra["k"], min_weight=ra["min_weight"],
+                          max_parts=self.settings.max_parts, experts=self.expert_names,
+                          generate=self._plan_generator(cancel) if name == "llm" else None)
+        return get_planner(name).plan(question, ctx)
+
+    def _plan_generator(self, cancel: CancelToken | None) -> Any:
+        def generate(prompt: str) -> str:
+            gen = RequestOptions(max_new_tokens=160, temperature=0.0).generation(self.settings)
+            return self.pool.generate(self.settings.aggregator, [{"role": "user", "content": prompt}], gen,
+                                      cancel=cancel).text
+        return generate
 
     def _context(self, job: _Job) -> MergeContext:
         weights = [(e.name, e.weight) for e in job.routing.experts]
-        return MergeContext(job.messages, job.question, weights, job.gen, self.settings, self.pool, self.local)
+        return MergeContext(job.messages, job.question, weights, job.gen, self.settings, self.pool,
+                            plan=job.plan, cancel=job.cancel)
 
-    def _base_answer(self, messages: list[dict[str, str]], gen: GenerationConfig, *, failures: dict[str, str]) -> MergeResult:
-        out = self.pool.run([(BASE_EXPERT, messages)], gen)[0]
+    def _base_answer(self, job: _Job, *, failures: dict[str, str]) -> MergeResult:
+        out = self.pool.run([(BASE_EXPERT, job.messages)], job.gen, cancel=job.cancel)[0]
         if not out.ok or out.generation is None:
             failures = {**failures, BASE_EXPERT: out.error or "no output"}
             raise AllExpertsFailed(
@@ -183,49 +225,64 @@ class Orchestrator:
             tokens=g.tokens,
             prompt_tokens=g.prompt_tokens,
             used_weights={BASE_EXPERT: 1.0},
+            finish_reason=g.finish_reason,
         )
 
-    def _finish(self, question: str, strategy: str, routing: Routing, res: MergeResult, fallback: str | None,
-                t_route: float, t0: float, extra: list[Contribution] | None = None) -> Answer:
+    def _finish(self, job: _Job, res: MergeResult, fallback: str | None, extra: list[Contribution] | None = None) -> Answer:
         contributions = (extra or []) + res.contributions
+        plan = None
+        if job.impl.uses_plan:
+            plan = job.plan.to_dict()
+            if res.parts:
+                plan["parts"] = [p.to_dict() for p in res.parts]
         answer = Answer(
             text=res.text.strip(),
-            strategy=strategy,
-            routing=routing,
+            strategy=job.strategy,
+            routing=job.routing,
             contributions=contributions,
-            timings=Timings(route=t_route, experts=res.experts_s, merge=res.merge_s, total=time.perf_counter() - t0),
+            timings=Timings(route=job.t_route, experts=res.experts_s, merge=res.merge_s,
+                            total=time.perf_counter() - job.t0),
             weights=res.used_weights,
             fallback=fallback,
             tokens=res.tokens,
             prompt_tokens=res.prompt_tokens,
+            finish_reason="length" if res.finish_reason == "length" else "stop",
+            chosen=res.chosen or job.strategy,
+            plan=plan,
+            notes=list(res.notes),
         )
         if self.log is not None:
             try:
-                self.log.write(question, answer)
+                self.log.write(job.question, answer)
             except OSError:
                 logger.warning("cannot write answer log %s", self.log.path, exc_info=True)
         return answer
 
-    # -- the main job ---------------------------------------------------------------------------------
-    def _begin(self, query: Query, opts: dict[str, Any]) -> _Job:
+    # -- the main job -------------------------------------------------------------------------------------
+    def _begin(self, query: Query, opts: RequestOptions, cancel: CancelToken | None) -> _Job:
         t0 = time.perf_counter()
-        gen = self._gen_config(opts.get("max_new_tokens"), opts.get("temperature"), opts.get("top_p"), opts.get("seed"))
-        strat = get_strategy(opts.get("strategy") or self.settings.strategy)
+        gen = opts.generation(self.settings)
+        strat = get_strategy(opts.strategy or self.settings.strategy)
         messages, question = self._prepare(query, gen)
-        routing = self.route(messages, k=opts.get("k"), min_weight=opts.get("min_weight"))
-        return _Job(t0, gen, strat.name, strat, messages, question, routing, time.perf_counter() - t0)
+        plan = self._plan(question, opts, cancel, uses_plan=getattr(strat, "uses_plan", False))
+        return _Job(t0, opts, gen, strat.name, strat, messages, question, plan, time.perf_counter() - t0, cancel)
+
+    def _abstains(self, job: _Job) -> bool:
+        """The base model answers when the router abstains on a request that is not split across experts."""
+        return job.routing.abstained and not (job.impl.uses_plan and job.plan.multi)
 
     def _abstain(self, job: _Job) -> Answer:
-        res = self._base_answer(job.messages, job.gen, failures={})
-        return self._finish(job.question, job.strategy, job.routing, res, "abstained", job.t_route, job.t0)
+        res = self._base_answer(job, failures={})
+        return self._finish(job, res, "abstained")
 
     def _conclude(self, job: _Job, res: MergeResult) -> Answer:
         if res.all_failed or not res.text.strip():
+            if job.cancel is not None and job.cancel.cancelled:
+                raise job.cancel.error(what="request")
             failures = {c.expert: c.error or "empty answer" for c in res.contributions}
-            base = self._base_answer(job.messages, job.gen, failures=failures)
-            return self._finish(job.question, job.strategy, job.routing, base, "all experts failed",
-                                job.t_route, job.t0, res.contributions)
-        return self._finish(job.question, job.strategy, job.routing, res, None, job.t_route, job.t0)
+            base = self._base_answer(job, failures=failures)
+            return self._finish(job, base, "all experts failed", res.contributions)
+        return self._finish(job, res, None)
 
     def ask(
         self,
@@ -233,22 +290,34 @@ class Orchestrator:
         *,
         k: int | None = None,
         strategy: str | None = None,
+        planner: str | None = None,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
         min_weight: float | None = None,
+        cancel: CancelToken | None = None,
     ) -> Answer:
-        """Route, run the top-k experts, merge. A failing expert never raises out of here."""
-        job = self._begin(query, dict(k=k, strategy=strategy, max_new_tokens=max_new_tokens,
-                                      temperature=temperature, top_p=top_p, seed=seed, min_weight=min_weight))
-        if job.routing.abstained:
+        """Plan, route, run the experts, merge. A failing expert never raises out of here; only
+        bad input (:class:`~expertmix.errors.InputError`), a cancelled ``cancel`` or every path
+        failing (:class:`~expertmix.errors.AllExpertsFailed`) does."""
+        opts = RequestOptions(k=k, strategy=strategy, planner=planner, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed,
+                              stop=tuple(stop) if isinstance(stop, list) else stop, min_weight=min_weight)
+        job = self._begin(query, opts, cancel)
+        if self._abstains(job):
             return self._abstain(job)
         return self._conclude(job, job.impl.run(self._context(job)))
 
     async def aask(self, query: Query, **kwargs: Any) -> Answer:
-        """Async :meth:`ask` (runs in a worker thread; the backends are thread-safe)."""
-        return await asyncio.to_thread(self.ask, query, **kwargs)
+        """Async :meth:`ask` (runs in a worker thread; cancelling the task cancels the work)."""
+        cancel = kwargs.pop("cancel", None) or CancelToken()
+        try:
+            return await asyncio.to_thread(self.ask, query, cancel=cancel, **kwargs)
+        except asyncio.CancelledError:
+            cancel.cancel("caller cancelled")
+            raise
 
     def stream(
         self,
@@ -256,36 +325,94 @@ class Orchestrator:
         *,
         k: int | None = None,
         strategy: str | None = None,
+        planner: str | None = None,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
         min_weight: float | None = None,
+        cancel: CancelToken | None = None,
     ) -> Iterator[str | Answer]:
-        """Yield the answer's text chunks as they are decoded, then the final :class:`Answer`."""
-        job = self._begin(query, dict(k=k, strategy=strategy, max_new_tokens=max_new_tokens,
-                                      temperature=temperature, top_p=top_p, seed=seed, min_weight=min_weight))
-        if job.routing.abstained:
-            answer = self._abstain(job)
-            yield answer.text
+        """Yield the answer's text chunks as they are decoded, then the final :class:`Answer`.
+        Closing the iterator early cancels the work still running."""
+        opts = RequestOptions(k=k, strategy=strategy, planner=planner, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed,
+                              stop=tuple(stop) if isinstance(stop, list) else stop, min_weight=min_weight)
+        own = CancelToken(parent=cancel)
+        job = self._begin(query, opts, own)
+        try:
+            if self._abstains(job):
+                answer = self._abstain(job)
+                yield answer.text
+                yield answer
+                return
+            final: MergeResult | None = None
+            for item in job.impl.stream(self._context(job)):
+                if isinstance(item, MergeResult):
+                    final = item
+                else:
+                    yield item
+            assert final is not None
+            answer = self._conclude(job, final)
+            if answer.fallback:  # nothing was streamed from the experts: send the base model's answer
+                yield answer.text
             yield answer
-            return
-        final: MergeResult | None = None
-        for item in job.impl.stream(self._context(job)):
-            if isinstance(item, MergeResult):
-                final = item
-            else:
+        finally:
+            own.cancel("stream closed")
+
+    async def astream(self, query: Query, **kwargs: Any) -> AsyncIterator[str | Answer]:
+        """Async :meth:`stream`: chunks arrive as they are decoded; leaving the loop cancels the work."""
+        import queue as _queue
+
+        cancel = CancelToken(parent=kwargs.pop("cancel", None))
+        q: _queue.Queue[Any] = _queue.Queue()
+        end = object()
+
+        def pump() -> None:
+            try:
+                for item in self.stream(query, cancel=cancel, **kwargs):
+                    q.put(item)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                q.put(exc)
+            q.put(end)
+
+        task = asyncio.get_running_loop().run_in_executor(None, pump)
+        try:
+            while True:
+                item = await asyncio.to_thread(q.get)
+                if item is end:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
                 yield item
-        assert final is not None
-        answer = self._conclude(job, final)
-        if answer.fallback:  # nothing was streamed from the experts: send the base model's answer
-            yield answer.text
-        yield answer
+        finally:
+            cancel.cancel("stream closed")
+            await task
 
     def generate(self, expert: str, query: Query, *, max_new_tokens: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> Generation:
-        """Ask one named expert directly (``__base__`` = the base model). Errors propagate."""
-        gen = self._gen_config(max_new_tokens, temperature, top_p, seed)
+                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: Sequence[str] | str | None = None, cancel: CancelToken | None = None) -> Generation:
+        """Ask one named expert directly (``__base__`` = the base model), with the same decoding
+        settings as ``ask``. Errors propagate, typed."""
+        opts = RequestOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              stop=tuple(stop) if isinstance(stop, list) else stop)
+        gen = opts.generation(self.settings)
         messages, _ = self._prepare(query, gen)
-        backend = self.pool.backend_for(expert)
-        return backend.generate([(expert, messages)], replace(gen))[0]
+        self.pool.backend_for(expert)
+        return self.pool.generate(expert, messages, gen, cancel=cancel)
+
+    def generate_stream(self, expert: str, query: Query, *, max_new_tokens: int | None = None,
+                        temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                        stop: Sequence[str] | str | None = None, cancel: CancelToken | None = None) -> Iterator[str]:
+        """Stream one named expert's answer directly; closing the iterator cancels the work."""
+        opts = RequestOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              stop=tuple(stop) if isinstance(stop, list) else stop)
+        gen = opts.generation(self.settings)
+        messages, _ = self._prepare(query, gen)
+        self.pool.backend_for(expert)
+        return self.pool.stream(expert, messages, gen, cancel=cancel)
+
+    def generation_config(self, **overrides: Any) -> GenerationConfig:
+        """The decoding settings a request with these overrides gets (every door uses this)."""
+        return RequestOptions(**overrides).generation(self.settings)

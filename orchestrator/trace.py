@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import threading
@@ -18,7 +19,14 @@ from expertmix.errors import DataError
 if TYPE_CHECKING:
     from orchestrator.routing import Routing
 
-__all__ = ["Answer", "AnswerLog", "Contribution", "Timings", "utilization"]
+__all__ = ["Answer", "AnswerLog", "Contribution", "PartResult", "Timings", "new_answer_id", "utilization"]
+
+
+def new_answer_id() -> str:
+    """An id for an answer, the same as the OpenAI response ``id`` (``chatcmpl-…``)."""
+    import uuid
+
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
 @dataclass
@@ -34,6 +42,36 @@ class Contribution:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class PartResult:
+    """One part of a decomposed answer: the sub-question, its routing, who answered it and how."""
+
+    text: str
+    span: tuple[int, int] | None
+    routing: Routing
+    answered_by: str | None
+    answer: str = ""
+    tokens: int = 0
+    latency_s: float = 0.0
+    finish_reason: str = "stop"
+    #: why the first choice did not answer (errors of the experts tried before), if any
+    fallback: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.routing
+        return {
+            "text": self.text,
+            "span": list(self.span) if self.span else None,
+            "routing": {"experts": [{"name": e.name, "weight": round(e.weight, 6)} for e in r.experts],
+                        "abstained": r.abstained, "reason": r.reason},
+            "answered_by": self.answered_by,
+            "tokens": self.tokens,
+            "latency_s": self.latency_s,
+            "finish_reason": self.finish_reason,
+            "fallback": self.fallback,
+        }
 
 
 @dataclass
@@ -65,12 +103,27 @@ class Answer:
     fallback: str | None = None
     tokens: int = 0
     prompt_tokens: int = 0
+    #: the OpenAI response id; ``expertmix feedback ID`` refers to it
+    id: str = field(default_factory=new_answer_id)
+    #: "length" when any generation behind the answer hit its token limit, else "stop"
+    finish_reason: str = "stop"
+    #: the strategy that ran (``auto`` picks one per request)
+    chosen: str | None = None
+    #: the plan (planner, fallback) and each part's routing, who answered it, tokens, latency
+    plan: dict[str, Any] | None = None
+    #: events worth counting, e.g. "synthesis_guard" (the aggregator talked about the experts)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         r = self.routing.to_dict()
         return {
+            "id": self.id,
             "answer": self.text,
             "strategy": self.strategy,
+            "chosen_strategy": self.chosen or self.strategy,
+            "finish_reason": self.finish_reason,
+            "plan": self.plan,
+            "notes": list(self.notes),
             "routing": {
                 "experts": r["experts"],
                 "abstained": r["abstained"],
@@ -93,16 +146,44 @@ class AnswerLog:
         self.path = Path(path)
         self.log_text = log_text
         self._lock = threading.Lock()
+        self._key: bytes | None = None
+
+    def _salt(self) -> bytes:
+        """A random per-machine key (``$EXPERTMIX_HOME/log-salt``, mode 0600): equal queries hash equal
+        within this machine's logs, but a hash cannot be reversed with a dictionary of likely queries."""
+        if self._key is None:
+            from expertmix.io import expertmix_home
+
+            path = expertmix_home() / "log-salt"
+            try:
+                self._key = path.read_bytes()
+            except FileNotFoundError:
+                import os
+                import secrets
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                key = secrets.token_bytes(32)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(key)
+                except FileExistsError:
+                    key = path.read_bytes()
+                self._key = key
+        return self._key
 
     def write(self, query: str, answer: Answer) -> None:
         rec: dict[str, Any] = {"ts": round(time.time(), 3)}
         if self.log_text:
             rec["query"] = query
         else:
-            rec["query_sha256"] = hashlib.sha256(query.encode("utf-8")).hexdigest()
+            rec["query_hmac"] = hmac.new(self._salt(), query.encode("utf-8"), hashlib.sha256).hexdigest()
         d = answer.to_dict()
         rec.update(
+            id=d["id"],
             strategy=d["strategy"],
+            chosen_strategy=d["chosen_strategy"],
+            plan=_plan_for_log(d["plan"], self.log_text),
             routing=d["routing"],
             fallback=d["fallback"],
             experts=[{k: c[k] for k in ("expert", "weight", "tokens", "latency_s", "error")} for c in d["contributions"]],
@@ -113,6 +194,12 @@ class AnswerLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(line)
+
+
+def _plan_for_log(plan: dict[str, Any] | None, log_text: bool) -> dict[str, Any] | None:
+    if plan is None or log_text:
+        return plan
+    return {**plan, "parts": [{k: v for k, v in p.items() if k != "text"} for p in plan.get("parts", [])]}
 
 
 def _pct(xs: list[float], q: float) -> float:

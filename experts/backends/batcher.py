@@ -13,12 +13,20 @@ job's input (unknown expert, prompt too long), its jobs are retried alone so onl
 culprit fails.
 
 Streaming is not batched: :meth:`DynamicBatcher.stream` decodes alone, under the backend's lock.
+
+Each job carries its caller's :class:`~experts.backends.base.CancelToken`: a job cancelled
+while queued never runs (its slot is free at once); a job cancelled mid-batch stops its
+own rows at the next decoding step while the other rows go on.
+
+The :class:`~orchestrator.core.Orchestrator` creates (and closes) the batcher when it is built
+with ``batching=True``; nothing else rewires backends.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 import queue
 import threading
 import time
@@ -27,9 +35,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from experts.backends.base import Generation, GenerationConfig
+from experts.backends.base import CancelToken, Generation, GenerationConfig
 from experts.prompts import Message
-from expertmix.errors import ExpertmixError, ExpertUnavailable
+from expertmix.errors import ExpertmixError, ExpertUnavailable, InputError
 
 if TYPE_CHECKING:
     from experts.backends.local import LocalBackend
@@ -43,6 +51,7 @@ logger = logging.getLogger(__name__)
 class _Job:
     requests: list[tuple[str, list[Message]]]
     config: GenerationConfig
+    cancel: CancelToken | None = None
     future: cf.Future[list[Generation]] = field(default_factory=cf.Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -68,10 +77,10 @@ class DynamicBatcher:
         max_wait_ms: float = 10.0,
         on_batch: Callable[[int, int, float], None] | None = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        if max_wait_ms < 0:
-            raise ValueError("max_wait_ms must be >= 0")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise InputError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if not (isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms) and 0 <= max_wait_ms <= 10_000):
+            raise InputError(f"max_wait_ms must be a finite number in [0, 10000], got {max_wait_ms!r}")
         self.backend = backend
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
@@ -86,17 +95,29 @@ class DynamicBatcher:
     def expert_names(self) -> list[str]:
         return self.backend.expert_names()
 
-    def generate(self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig) -> list[Generation]:
+    def generate(
+        self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig, *, cancel: CancelToken | None = None
+    ) -> list[Generation]:
         if not requests:
             return []
-        if self._closed.is_set():
+        if self._closed.is_set() or not self._worker.is_alive():
             raise ExpertUnavailable("the batcher is shut down")
-        job = _Job(list(requests), config)
+        job = _Job(list(requests), config, cancel)
         self._queue.put(job)
-        return job.future.result()
+        while True:
+            try:
+                return job.future.result(timeout=0.05)
+            except cf.TimeoutError:
+                if cancel is not None and cancel.cancelled:
+                    # a queued job is dropped by the worker; a running one stops its rows at the next step
+                    raise cancel.error(expert=requests[0][0] if len(requests) == 1 else None, what="generation") from None
+                if not self._worker.is_alive() and not job.future.done():
+                    raise ExpertUnavailable("the batcher stopped") from None
 
-    def stream(self, expert: str, messages: list[Message], config: GenerationConfig) -> Iterator[str]:
-        return self.backend.stream(expert, messages, config)
+    def stream(
+        self, expert: str, messages: list[Message], config: GenerationConfig, *, cancel: CancelToken | None = None
+    ) -> Iterator[str]:
+        return self.backend.stream(expert, messages, config, cancel=cancel)
 
     @property
     def queue_depth(self) -> int:
@@ -149,13 +170,18 @@ class DynamicBatcher:
         return batch
 
     def _loop(self) -> None:
-        while True:
-            job = self._next(None)
-            if job is None or self._closed.is_set():
-                break
-            batch = self._collect(job)
-            self._run(batch)
-        err = ExpertUnavailable("the server is shutting down")
+        try:
+            while True:
+                job = self._next(None)
+                if job is None or self._closed.is_set():
+                    break
+                batch = [j for j in self._collect(job) if not _abandoned(j)]
+                if batch:
+                    self._run(batch)
+        except BaseException:  # noqa: BLE001 - never die silently with callers waiting
+            logger.exception("the batcher worker failed")
+            self._closed.set()
+        err = ExpertUnavailable("the batcher is shut down")
         for j in [*self._held, *_drain(self._queue)]:
             if j is not None and not j.future.done():
                 j.future.set_exception(err)
@@ -165,8 +191,9 @@ class DynamicBatcher:
         limits = [j.config.max_time_s for j in batch]
         config = replace(batch[0].config, max_time_s=None if None in limits else max(x for x in limits if x is not None))
         waited = time.perf_counter() - min(j.enqueued for j in batch)
+        cancels = [j.cancel for j in batch for _ in j.requests]
         try:
-            gens = self.backend.generate(rows, config)
+            gens = self.backend.generate_rows(rows, config, cancels)
         except BaseException as exc:  # noqa: BLE001 - handed to the callers
             if len(batch) > 1 and isinstance(exc, ExpertmixError):
                 for j in batch:  # one bad job must not fail its neighbours
@@ -184,8 +211,22 @@ class DynamicBatcher:
         i = 0
         for j in batch:
             n = len(j.requests)
-            j.future.set_result(gens[i : i + n])
+            if j.future.done():
+                pass
+            elif j.cancel is not None and j.cancel.cancelled:
+                j.future.set_exception(j.cancel.error(what="generation"))
+            else:
+                j.future.set_result(gens[i : i + n])
             i += n
+
+
+def _abandoned(job: _Job) -> bool:
+    """A job whose caller cancelled it while it waited: fail it without running it."""
+    if job.cancel is not None and job.cancel.cancelled:
+        if not job.future.done():
+            job.future.set_exception(job.cancel.error(what="generation"))
+        return True
+    return False
 
 
 def _drain(q: queue.Queue[_Job | None]) -> Iterator[_Job | None]:

@@ -11,11 +11,11 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experts.backends.base import Generation, GenerationConfig
+from experts.backends.base import CancelToken, Generation, GenerationConfig
 from experts.models import BaseModel, load_base
 from experts.prompts import Message
 from experts.registry import BASE_EXPERT, BaseSpec, ExpertSpec
@@ -27,6 +27,23 @@ if TYPE_CHECKING:
 __all__ = ["LocalBackend", "validate_adapter_dir"]
 
 logger = logging.getLogger(__name__)
+
+
+def _cancel_criteria(cancels: Sequence[CancelToken | None]) -> Any:
+    """A transformers stopping criterion that ends each row whose token is cancelled (checked every step)."""
+    if all(c is None for c in cancels):
+        return None
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    tokens = list(cancels)
+
+    class _Cancel(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            flags = [c is not None and c.cancelled for c in tokens]
+            return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Cancel()])
 
 
 def validate_adapter_dir(path: Path, *, expert: str) -> dict[str, Any]:
@@ -129,6 +146,12 @@ class LocalBackend:
                 f"{ctx}-token context window of {self.base.name}; shorten the query"
             )
 
+    def check_prompt(self, messages: list[Message], max_new_tokens: int) -> int:
+        """Raise InputError unless the prompt plus ``max_new_tokens`` fits the context; return its length."""
+        n = len(self.encode_prompt(messages))
+        self._check_length(n, max_new_tokens)
+        return n
+
     def batch_inputs(self, prompts: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad token lists into ``(input_ids, attention_mask)`` on the model's device."""
         import torch
@@ -182,8 +205,23 @@ class LocalBackend:
         return [i for i in [*ids, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id] if i is not None]
 
     # -- generation -------------------------------------------------------------------------------
-    def generate(self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig) -> list[Generation]:
+    def generate(
+        self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig, *, cancel: CancelToken | None = None
+    ) -> list[Generation]:
         """Generate for every (expert, messages) pair in one mixed-adapter batch."""
+        gens = self.generate_rows(requests, config, [cancel] * len(requests))
+        if cancel is not None and cancel.cancelled:
+            raise cancel.error(expert=requests[0][0] if len(requests) == 1 else None, what="generation")
+        return gens
+
+    def generate_rows(
+        self,
+        requests: Sequence[tuple[str, list[Message]]],
+        config: GenerationConfig,
+        cancels: Sequence[CancelToken | None],
+    ) -> list[Generation]:
+        """One mixed-adapter batch; each row stops when its own token is cancelled (``finish_reason``
+        "cancelled"). Used directly by the dynamic batcher, whose rows belong to different callers."""
         import torch
 
         if not requests:
@@ -197,6 +235,9 @@ class LocalBackend:
         kw = self.generate_kwargs(config)
         if self._peft:
             kw["adapter_names"] = [name for name, _ in requests]
+        criteria = _cancel_criteria(cancels)
+        if criteria is not None:
+            kw["stopping_criteria"] = criteria
         t0 = time.perf_counter()
         with self._lock, torch.inference_mode():
             if config.seed is not None:
@@ -205,13 +246,20 @@ class LocalBackend:
         latency = time.perf_counter() - t0
         new = out[:, ids.shape[1] :].tolist()
         gens = []
-        for (name, _), p, row in zip(requests, prompts, new):
+        for (name, _), p, row, c in zip(requests, prompts, new, cancels):
             text, n, finish = self._decode(row, config)
+            if c is not None and c.cancelled and finish == "length" and n < config.max_new_tokens:
+                finish = "cancelled"
             gens.append(Generation(name, text, n, latency, prompt_tokens=len(p), finish_reason=finish))
         return gens
 
-    def stream(self, expert: str, messages: list[Message], config: GenerationConfig) -> Iterator[str]:
-        """Yield text chunks of one expert's answer as they are decoded."""
+    def stream(
+        self, expert: str, messages: list[Message], config: GenerationConfig, *, cancel: CancelToken | None = None
+    ) -> Iterator[str]:
+        """Yield text chunks of one expert's answer as they are decoded.
+
+        Closing the iterator early (a dropped client) stops decoding within one step and
+        releases the backend at once; a cancelled ``cancel`` does the same and raises."""
         import torch
         from transformers import TextIteratorStreamer
 
@@ -219,8 +267,10 @@ class LocalBackend:
         prompt = self.encode_prompt(messages)
         self._check_length(len(prompt), config.max_new_tokens)
         ids, mask = self.batch_inputs([prompt])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1)
+        own = CancelToken(parent=cancel)
         kw = self.generate_kwargs(config)
+        kw["stopping_criteria"] = _cancel_criteria([own])
         if self._peft:
             kw["adapter_names"] = [expert]
         errors: list[BaseException] = []
@@ -228,23 +278,56 @@ class LocalBackend:
         def run() -> None:
             try:
                 with self._lock, torch.inference_mode():
+                    if own.cancelled:
+                        return
                     if config.seed is not None:
                         torch.manual_seed(config.seed)
                     self.model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kw)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
                 errors.append(exc)
+            finally:
                 streamer.end()
 
         thread = threading.Thread(target=run, name=f"expertmix-stream-{expert}", daemon=True)
         thread.start()
+        import queue as _queue
+
         try:
-            for chunk in streamer:
+            while True:
+                try:
+                    chunk = next(streamer)
+                except StopIteration:
+                    break
+                except _queue.Empty:
+                    if own.cancelled and not thread.is_alive():
+                        break
+                    continue
                 if chunk:
                     yield chunk
         finally:
+            own.cancel("stream closed")
             thread.join()
         if errors:
             raise errors[0]
+        if cancel is not None and cancel.cancelled:
+            raise cancel.error(expert=expert, what="stream")
+
+    # -- local weights (mixture, adapter_merge) -------------------------------------------------------
+    def mixture_generate(
+        self, messages: list[Message], weights: Mapping[str, float], config: GenerationConfig, *,
+        cancel: CancelToken | None = None,
+    ) -> Generation:
+        """Token-level mixture p(t) = Σ wᵢ·pᵢ(t) over the named adapters (see ``mixture.py``)."""
+        from experts.backends.mixture import mixture_generate
+
+        return mixture_generate(self, messages, weights, config, cancel=cancel)
+
+    def merged_adapter(self, weights: Mapping[str, float]) -> str:
+        """An adapter equal to Σ wᵢ·ΔWᵢ (LRU-cached); one expert with (almost) all weight is itself."""
+        key = self.merged.key(dict(weights))
+        if len(key) == 1:
+            return key[0][0]
+        return self.merged.get(dict(weights))
 
     # -- scoring (benchmarks, tests) ----------------------------------------------------------------
     def score_nll(self, expert: str, messages: list[Message], response: str) -> tuple[float, int]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from experts.backends.base import Generation, GenerationConfig
+from experts.backends.base import CancelToken, Generation, GenerationConfig
+from experts.backends.local import _cancel_criteria
 from experts.prompts import Message
 from expertmix.errors import StrategyError
 
@@ -53,6 +55,8 @@ def mixture_generate(
     messages: list[Message],
     weights: Mapping[str, float],
     config: GenerationConfig,
+    *,
+    cancel: CancelToken | None = None,
 ) -> Generation:
     """Decode one answer from the weighted token-level mixture of the given experts."""
     import torch
@@ -68,9 +72,12 @@ def mixture_generate(
     prompt = backend.encode_prompt(messages)
     backend._check_length(len(prompt), config.max_new_tokens)
     ids, mask = backend.batch_inputs([prompt] * len(items))
-    kw = backend.generate_kwargs(
-        GenerationConfig(max_new_tokens=config.max_new_tokens, stop=config.stop, repetition_penalty=config.repetition_penalty)
-    )
+    # the processor picks the token itself: transformers decodes greedily over its one-hot scores;
+    # every other option (repetition penalty, stop strings, deadline) is the request's own
+    kw = backend.generate_kwargs(replace(config, temperature=0.0, top_p=1.0, seed=None))
+    criteria = _cancel_criteria([cancel] * len(items))
+    if criteria is not None:
+        kw["stopping_criteria"] = criteria
     if backend._peft:
         kw["adapter_names"] = [n for n, _ in items]
     gen = None
@@ -81,6 +88,8 @@ def mixture_generate(
     with backend._lock, torch.inference_mode():
         out = backend.model.generate(input_ids=ids, attention_mask=mask, **kw)
     latency = time.perf_counter() - t0
+    if cancel is not None and cancel.cancelled:
+        raise cancel.error(expert="+".join(n for n, _ in items), what="mixture generation")
     row = out[0, ids.shape[1] :].tolist()
     text, n, finish = backend._decode(row, config)
     return Generation(

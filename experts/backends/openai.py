@@ -30,6 +30,7 @@ exponential backoff within the expert's time budget; error bodies become typed e
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import json
 import logging
 import queue
@@ -37,11 +38,12 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import httpx
 
-from experts.backends.base import Generation, GenerationConfig
+from experts.backends.base import CancelToken, Generation, GenerationConfig
 from experts.prompts import Message
 from experts.registry import BASE_EXPERT, ExpertSpec
 from expertmix.errors import ExpertError, ExpertTimeout, ExpertUnavailable, InputError, UnknownExpert
@@ -140,23 +142,49 @@ class OpenAIBackend:
                 logger.warning("expert server %s not reachable at start-up (%s); will retry on first use", self.base_url, exc)
 
     # -- sync facade (the Backend protocol) --------------------------------------------------------
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T], cancel: CancelToken | None = None, *, what: str = "request") -> T:
+        """Run ``coro`` on the private loop; a cancelled ``cancel`` cancels the HTTP request and raises."""
         if self._closed:
             coro.close()
             raise ExpertUnavailable(f"backend for {self.base_url} is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        while True:
+            try:
+                return fut.result(timeout=0.05 if cancel is not None else None)
+            except cf.TimeoutError:
+                if cancel is not None and cancel.cancelled:
+                    fut.cancel()
+                    raise cancel.error(what=what) from None
+                if self._closed:
+                    fut.cancel()
+                    raise ExpertUnavailable(f"backend for {self.base_url} was closed") from None
+            except cf.CancelledError:
+                raise ExpertUnavailable(f"{what} on {self.base_url} was cancelled (backend closing)") from None
 
     def expert_names(self) -> list[str]:
         return list(self.specs)
 
-    def generate(self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig) -> list[Generation]:
-        """Every (expert, messages) pair concurrently. One request: errors raise; several: a
-        failed row comes back with ``extra["error"]`` (the orchestrator's fault policy reads it)."""
-        return self._run(self.agenerate(requests, config))
+    def generate(
+        self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig, *, cancel: CancelToken | None = None
+    ) -> list[Generation]:
+        """Every (expert, messages) pair concurrently; the first failure raises (typed). The
+        orchestrator sends remote rows one per call, so one expert's failure is its own."""
+        if cancel is not None:
+            left = cancel.remaining()
+            if left is not None:
+                config = replace(config, max_time_s=max(0.001, min(left, config.max_time_s or left)))
+        return self._run(self.agenerate(requests, config), cancel, what="generation")
 
-    def stream(self, expert: str, messages: list[Message], config: GenerationConfig) -> Iterator[str]:
-        """Yield text chunks of one expert's answer (server-sent events)."""
+    def stream(
+        self, expert: str, messages: list[Message], config: GenerationConfig, *, cancel: CancelToken | None = None
+    ) -> Iterator[str]:
+        """Yield text chunks of one expert's answer (server-sent events). Closing the iterator
+        (or cancelling ``cancel``) closes the HTTP stream."""
         q: queue.Queue[Any] = queue.Queue()
+        if cancel is not None:
+            left = cancel.remaining()
+            if left is not None:
+                config = replace(config, max_time_s=max(0.001, min(left, config.max_time_s or left)))
 
         async def pump() -> None:
             try:
@@ -166,9 +194,21 @@ class OpenAIBackend:
                 q.put(exc)
             q.put(_END)
 
+        if self._closed:
+            raise ExpertUnavailable(f"backend for {self.base_url} is closed", expert=expert)
         fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
         try:
-            while (item := q.get()) is not _END:
+            while True:
+                try:
+                    item = q.get(timeout=0.05)
+                except queue.Empty:
+                    if cancel is not None and cancel.cancelled:
+                        raise cancel.error(expert=expert, what="stream") from None
+                    if self._closed:
+                        raise ExpertUnavailable(f"backend for {self.base_url} was closed", expert=expert) from None
+                    continue
+                if item is _END:
+                    break
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -176,10 +216,20 @@ class OpenAIBackend:
             fut.cancel()
 
     def close(self) -> None:
+        """Cancel pending requests, close the connection pool, stop the loop thread. Never hangs."""
         if self._closed:
             return
+
+        async def shutdown() -> None:
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._client.aclose()
+
         try:
-            asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=5)
         except Exception:  # noqa: BLE001 - best effort on shutdown
             logger.debug("closing http client failed", exc_info=True)
         self._closed = True
@@ -197,7 +247,16 @@ class OpenAIBackend:
             raise ExpertUnavailable(f"cannot reach {self.base_url}/models: {type(exc).__name__}: {exc}") from exc
         if resp.status_code != 200:
             raise self._typed(resp, expert=None, what="GET /models")
-        entries = [m for m in resp.json().get("data", []) if isinstance(m, dict) and "id" in m]
+        try:
+            body = resp.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise ExpertUnavailable(
+                f"{self.base_url}/models did not answer with an OpenAI model list ({resp.text[:120]!r}); "
+                "is base_url the /v1 root of an OpenAI-compatible server?"
+            )
+        entries = [m for m in body["data"] if isinstance(m, dict) and "id" in m]
         ids = [str(m["id"]) for m in entries]
         missing = [n for n, r in self._remote.items() if r not in ids]
         if missing:
@@ -252,6 +311,8 @@ class OpenAIBackend:
             body["stop"] = list(config.stop)
         if config.seed is not None:
             body["seed"] = config.seed
+        if config.repetition_penalty != 1.0:
+            body["repetition_penalty"] = config.repetition_penalty  # vLLM's sampling extension; same as local
         return body
 
     def _typed(self, resp: httpx.Response, *, expert: str | None, what: str) -> ExpertError | InputError:
@@ -330,18 +391,13 @@ class OpenAIBackend:
         if not requests:
             return []
         results = await asyncio.gather(*(self._one(n, m, config) for n, m in requests), return_exceptions=True)
-        if len(requests) == 1 and isinstance(results[0], BaseException):
-            raise results[0]
-        out: list[Generation] = []
         for (name, _), r in zip(requests, results):
             if isinstance(r, BaseException):
-                if not isinstance(r, (ExpertError, InputError)):
-                    logger.warning("expert %s on %s failed", name, self.base_url, exc_info=r)
-                out.append(Generation(name, "", 0, 0.0, finish_reason="error",
-                                      extra={"error": f"{type(r).__name__}: {r}"}))
-            else:
-                out.append(r)
-        return out
+                if isinstance(r, (ExpertError, InputError)):
+                    raise r
+                logger.warning("expert %s on %s failed", name, self.base_url, exc_info=r)
+                raise ExpertUnavailable(f"{self.base_url}: {type(r).__name__}: {r}", expert=name) from r
+        return [r for r in results if isinstance(r, Generation)]
 
     async def astream(self, expert: str, messages: list[Message], config: GenerationConfig) -> AsyncIterator[str]:
         """Async :meth:`stream`. Retries only before the first chunk arrived."""

@@ -6,6 +6,8 @@
 | ``mixture``     | token-level p(t) = Σ wᵢ·pᵢ(t), one forward pass per step        | 1 generation, batch of k rows           |
 | ``adapter_merge``| adapters merged in weight space at the routed weights (cached) | merge once per weight vector, then 1 gen|
 | ``top1``        | only the highest-weight expert answers                          | 1 generation                            |
+| ``decompose``   | each part of the plan on its own top expert, answers as sections | 1 batched generation (all parts)       |
+| ``auto``        | decompose for multi-part requests, else top1 / adapter_merge     | as the chosen strategy                 |
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "STRATEGIES",
     "get_strategy",
     "register_strategy",
+    "strategy_names",
 ]
 
 STRATEGIES: dict[str, type] = {}
@@ -34,6 +37,11 @@ def register_strategy(cls: type) -> type:
     return cls
 
 
+def strategy_names() -> list[str]:
+    _load_builtins()
+    return sorted(STRATEGIES)
+
+
 def get_strategy(name: str) -> MergeStrategy:
     _load_builtins()
     try:
@@ -43,4 +51,4 @@ def get_strategy(name: str) -> MergeStrategy:
 
 
 def _load_builtins() -> None:
-    from orchestrator.merge import adapter_merge, mixture, synthesis, top1  # noqa: F401
+    from orchestrator.merge import adapter_merge, auto, decompose, mixture, synthesis, top1  # noqa: F401

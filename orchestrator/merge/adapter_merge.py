@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+from expertmix.errors import StrategyError
 from orchestrator.merge import register_strategy
 from orchestrator.merge.base import MergeContext, MergeResult
 from orchestrator.merge.common import failed_result, require_local
@@ -22,25 +23,29 @@ __all__ = ["AdapterMerge"]
 class AdapterMerge:
     name = "adapter_merge"
     needs_local_weights = True
+    uses_plan = False
     cost = "one weighted adapter merge per new weight vector (LRU-cached) + one generation"
 
-    def _merged(self, ctx: MergeContext) -> str:
-        require_local(ctx, self.name)
-        assert ctx.local is not None
-        key = ctx.local.merged.key(dict(ctx.weights))
-        if len(key) == 1:  # one expert carries (almost) all the weight: no merge needed
-            return key[0][0]
-        return ctx.local.merged.get(dict(ctx.weights))
-
     def run(self, ctx: MergeContext) -> MergeResult:
+        require_local(ctx, self.name)
+        local = ctx.pool.local
+        if local is None:
+            raise StrategyError("adapter_merge needs local adapter weights")
         t0 = time.perf_counter()
-        name = self._merged(ctx)
-        merge_s = time.perf_counter() - t0
         try:
-            assert ctx.local is not None
-            g = ctx.local.generate([(name, ctx.messages)], ctx.config)[0]
+            name = local.merged_adapter(dict(ctx.weights))
         except Exception as exc:  # noqa: BLE001 - fault policy
             return failed_result(ctx, exc, t0)
+        merge_s = time.perf_counter() - t0
+        out = ctx.pool.run_local(
+            "adapter_merge",
+            lambda tok: local.generate([(name, ctx.messages)], ctx.config, cancel=tok)[0],
+            experts=[n for n, _ in ctx.weights],
+            cancel=ctx.cancel,
+        )
+        if out.generation is None:
+            return failed_result(ctx, out.exception or RuntimeError(out.error or "generation failed"), t0)
+        g = out.generation
         elapsed = time.perf_counter() - t0 - merge_s
         return MergeResult(
             text=g.text,
@@ -52,28 +57,11 @@ class AdapterMerge:
             tokens=g.tokens,
             prompt_tokens=g.prompt_tokens,
             used_weights=dict(ctx.weights),
+            finish_reason=g.finish_reason,
         )
 
     def stream(self, ctx: MergeContext) -> Iterator[str | MergeResult]:
-        t0 = time.perf_counter()
-        name = self._merged(ctx)
-        merge_s = time.perf_counter() - t0
-        assert ctx.local is not None
-        chunks: list[str] = []
-        try:
-            for c in ctx.local.stream(name, ctx.messages, ctx.config):
-                chunks.append(c)
-                yield c
-        except Exception as exc:  # noqa: BLE001
-            if chunks:
-                raise
-            yield failed_result(ctx, exc, t0)
-            return
-        elapsed = time.perf_counter() - t0 - merge_s
-        yield MergeResult(
-            text="".join(chunks).strip(),
-            contributions=[Contribution(expert=n, weight=w, latency_s=round(elapsed, 4)) for n, w in ctx.weights],
-            experts_s=elapsed,
-            merge_s=merge_s,
-            used_weights=dict(ctx.weights),
-        )
+        res = self.run(ctx)
+        if res.text:
+            yield res.text
+        yield res

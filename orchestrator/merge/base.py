@@ -11,17 +11,21 @@ from experts.prompts import Message
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from experts.backends.local import LocalBackend
+    from experts.backends.base import CancelToken
     from orchestrator.config import OrchestratorSettings
     from orchestrator.execution import ExpertPool
-    from orchestrator.trace import Contribution
+    from orchestrator.planning import Plan
+    from orchestrator.trace import Contribution, PartResult
 
 __all__ = ["MergeContext", "MergeResult", "MergeStrategy"]
 
 
 @dataclass
 class MergeContext:
-    """Everything a strategy needs. ``weights`` are normalized and sorted, highest first."""
+    """Everything a strategy needs. ``weights`` are normalized and sorted, highest first.
+
+    Strategies generate only through ``pool`` (the execution layer: deadlines, cancellation,
+    error policy); local-weights strategies use ``pool.local`` (a typed interface)."""
 
     messages: list[Message]
     question: str
@@ -29,7 +33,8 @@ class MergeContext:
     config: GenerationConfig
     settings: OrchestratorSettings
     pool: ExpertPool
-    local: LocalBackend | None
+    plan: Plan | None = None
+    cancel: CancelToken | None = None
 
 
 @dataclass
@@ -44,6 +49,13 @@ class MergeResult:
     used_weights: dict[str, float] = field(default_factory=dict)
     #: set when the strategy could not use any expert (the core then falls back to the base)
     all_failed: bool = False
+    #: "length" when any generation behind the answer hit its token limit
+    finish_reason: str = "stop"
+    #: per-part results of a decomposed answer
+    parts: list[PartResult] = field(default_factory=list)
+    #: the strategy that actually ran (``auto`` picks one) and what it fell back to, if anything
+    chosen: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 class MergeStrategy(Protocol):
@@ -51,6 +63,8 @@ class MergeStrategy(Protocol):
 
     name: str
     needs_local_weights: bool
+    #: whether the strategy reads ``ctx.plan`` (the core then runs the configured planner)
+    uses_plan: bool
     cost: str
 
     def run(self, ctx: MergeContext) -> MergeResult: ...

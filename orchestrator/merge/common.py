@@ -9,7 +9,12 @@ from orchestrator.merge.base import MergeContext, MergeResult
 from orchestrator.trace import Contribution
 from expertmix.errors import StrategyError
 
-__all__ = ["failed_result", "renormalize", "require_local", "run_weighted"]
+__all__ = ["failed_result", "finish_of", "renormalize", "require_local", "run_weighted"]
+
+
+def finish_of(*reasons: str) -> str:
+    """"length" if any generation behind an answer was cut by its token limit."""
+    return "length" if "length" in reasons else "stop"
 
 
 def renormalize(weights: list[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -26,7 +31,7 @@ def run_weighted(ctx: MergeContext) -> tuple[list[Outcome], list[Contribution], 
     renormalized weights (highest first) and the wall time.
     """
     t0 = time.perf_counter()
-    outcomes = ctx.pool.run([(n, ctx.messages) for n, _ in ctx.weights], ctx.config)
+    outcomes = ctx.pool.run([(n, ctx.messages) for n, _ in ctx.weights], ctx.config, cancel=ctx.cancel)
     elapsed = time.perf_counter() - t0
     routed = dict(ctx.weights)
     contributions = [o.contribution(routed[o.expert]) for o in outcomes]
@@ -36,7 +41,7 @@ def run_weighted(ctx: MergeContext) -> tuple[list[Outcome], list[Contribution], 
 
 def require_local(ctx: MergeContext, strategy: str) -> None:
     """mixture and adapter_merge need the adapters' weights in this process."""
-    local = ctx.local
+    local = ctx.pool.local
     names = [n for n, _ in ctx.weights]
     remote = [n for n in names if local is None or n not in local.expert_names()]
     if remote:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from experts.backends.mixture import mixture_generate
+from expertmix.errors import StrategyError
 from orchestrator.merge import register_strategy
 from orchestrator.merge.base import MergeContext, MergeResult
 from orchestrator.merge.common import failed_result, require_local
@@ -24,16 +24,25 @@ __all__ = ["Mixture"]
 class Mixture:
     name = "mixture"
     needs_local_weights = True
+    uses_plan = False
     cost = "one generation over k rows (one forward pass per token for all k adapters)"
 
     def run(self, ctx: MergeContext) -> MergeResult:
         require_local(ctx, self.name)
-        assert ctx.local is not None
+        local = ctx.pool.local
+        if local is None:
+            raise StrategyError("mixture needs local adapter weights")
         t0 = time.perf_counter()
-        try:
-            g = mixture_generate(ctx.local, ctx.messages, dict(ctx.weights), ctx.config)
-        except Exception as exc:  # noqa: BLE001 - fault policy
-            return failed_result(ctx, exc, t0)
+        weights = dict(ctx.weights)
+        out = ctx.pool.run_local(
+            "mixture",
+            lambda tok: local.mixture_generate(ctx.messages, weights, ctx.config, cancel=tok),
+            experts=list(weights),
+            cancel=ctx.cancel,
+        )
+        if out.generation is None:
+            return failed_result(ctx, out.exception or RuntimeError(out.error or "mixture failed"), t0)
+        g = out.generation
         elapsed = time.perf_counter() - t0
         return MergeResult(
             text=g.text,
@@ -44,6 +53,7 @@ class Mixture:
             tokens=g.tokens,
             prompt_tokens=g.prompt_tokens,
             used_weights=dict(ctx.weights),
+            finish_reason=g.finish_reason,
         )
 
     def stream(self, ctx: MergeContext) -> Iterator[str | MergeResult]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from orchestrator.merge import register_strategy
 from orchestrator.merge.base import MergeContext, MergeResult
@@ -16,13 +17,14 @@ __all__ = ["Top1"]
 class Top1:
     name = "top1"
     needs_local_weights = False
+    uses_plan = False
     cost = "one generation by the highest-weight expert"
 
     def run(self, ctx: MergeContext) -> MergeResult:
         contributions: list[Contribution] = []
         t0 = time.perf_counter()
         for name, w in ctx.weights:
-            out = ctx.pool.run([(name, ctx.messages)], ctx.config)[0]
+            out = ctx.pool.run([(name, ctx.messages)], ctx.config, cancel=ctx.cancel)[0]
             contributions.append(out.contribution(w))
             if out.ok and out.generation is not None:
                 g = out.generation
@@ -33,7 +35,10 @@ class Top1:
                     tokens=g.tokens,
                     prompt_tokens=g.prompt_tokens,
                     used_weights={name: 1.0},
+                    finish_reason=g.finish_reason,
                 )
+            if ctx.cancel is not None and ctx.cancel.cancelled:
+                break
         return MergeResult(text="", contributions=contributions, experts_s=time.perf_counter() - t0, all_failed=True)
 
     def stream(self, ctx: MergeContext) -> Iterator[str | MergeResult]:
@@ -41,26 +46,31 @@ class Top1:
         t0 = time.perf_counter()
         chunks: list[str] = []
         try:
-            for chunk in ctx.pool.backend_for(name).stream(name, ctx.messages, ctx.config):
+            for chunk in ctx.pool.stream(name, ctx.messages, ctx.config, cancel=ctx.cancel):
                 chunks.append(chunk)
                 yield chunk
         except Exception as exc:  # noqa: BLE001 - fault policy: fall back to the non-streamed path
-            if chunks:
-                raise
-            res = self.run(MergeContext(**{**ctx.__dict__, "weights": ctx.weights[1:]})) if len(ctx.weights) > 1 else None
             failed = Contribution(expert=name, weight=w, error=f"{type(exc).__name__}: {exc}")
-            if res is None:
-                yield MergeResult(text="", contributions=[failed], all_failed=True)
+            if chunks or len(ctx.weights) == 1 or (ctx.cancel is not None and ctx.cancel.cancelled):
+                # part of the answer was sent: it stands, cut short, with the error in the trace
+                text = "".join(chunks).strip()
+                yield MergeResult(text=text, contributions=[failed], experts_s=time.perf_counter() - t0,
+                                  used_weights={name: 1.0} if text else {}, all_failed=not text, finish_reason="length")
                 return
+            res = self.run(replace(ctx, weights=ctx.weights[1:]))
             res.contributions.insert(0, failed)
             if res.text:
                 yield res.text
             yield res
             return
         text = "".join(chunks).strip()
+        tokens = len(chunks)
         yield MergeResult(
             text=text,
-            contributions=[Contribution(expert=name, weight=w, text=text, latency_s=round(time.perf_counter() - t0, 4))],
+            contributions=[Contribution(expert=name, weight=w, text=text, tokens=tokens,
+                                        latency_s=round(time.perf_counter() - t0, 4))],
             experts_s=time.perf_counter() - t0,
+            tokens=tokens,
             used_weights={name: 1.0},
+            finish_reason="length" if tokens >= ctx.config.max_new_tokens else "stop",
         )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from orchestrator.server.app import create_app
-    from orchestrator.server.batcher import DynamicBatcher
+    from experts.backends.batcher import DynamicBatcher
 
 __all__ = ["DynamicBatcher", "create_app"]
 
@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return create_app
     if name == "DynamicBatcher":
-        from orchestrator.server.batcher import DynamicBatcher
+        from experts.backends.batcher import DynamicBatcher
 
         return DynamicBatcher
     raise AttributeError(f"module 'orchestrator.server' has no attribute {name!r}")

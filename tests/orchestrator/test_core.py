@@ -47,10 +47,10 @@ class FailingBackend:
     def expert_names(self) -> list[str]:
         return ["product"]
 
-    def generate(self, requests, config) -> list[Generation]:
+    def generate(self, requests, config, *, cancel=None) -> list[Generation]:
         raise ExpertUnavailable("injected failure", expert="product")
 
-    def stream(self, expert, messages, config) -> Iterator[str]:
+    def stream(self, expert, messages, config, *, cancel=None) -> Iterator[str]:
         raise ExpertUnavailable("injected failure", expert=expert)
 
     def close(self) -> None:
@@ -58,8 +58,15 @@ class FailingBackend:
 
 
 class SlowBackend(FailingBackend):
-    def generate(self, requests, config) -> list[Generation]:
-        time.sleep(5)
+    """Answers after 5 s unless its cancel token fires first (as a well-behaved backend must)."""
+
+    cancelled_after: float | None = None
+
+    def generate(self, requests, config, *, cancel=None) -> list[Generation]:
+        t0 = time.monotonic()
+        if cancel is not None and cancel.wait(5):
+            SlowBackend.cancelled_after = time.monotonic() - t0
+            raise cancel.error(what="slow expert")
         return [Generation(n, "late", 1, 5.0) for n, _ in requests]
 
 
@@ -85,6 +92,9 @@ class FixedRouter:
         if self.abstain:
             return Routing(experts=(), abstained=True, probabilities=r.probabilities, confidence=0.1, reason="test")
         return r
+
+    def route_batch(self, queries, *, k: int = 2, min_weight: float = 0.0) -> list[Routing]:
+        return [self.route(q, k=k, min_weight=min_weight) for q in queries]
 
 
 def test_mixture_with_weight_one_zero_equals_single_expert(om) -> None:
@@ -115,7 +125,7 @@ def test_synthesis_prompt_contains_every_contribution_and_weight(om) -> None:
     from orchestrator.merge.base import MergeContext
     from orchestrator.merge.synthesis import build_synthesis_prompt
 
-    ctx = MergeContext([{"role": "user", "content": "Q?"}], "Q?", [], GenerationConfig(), om.settings, om.pool, om.local)
+    ctx = MergeContext([{"role": "user", "content": "Q?"}], "Q?", [], GenerationConfig(), om.settings, om.pool)
     prompt = build_synthesis_prompt(ctx, [("engineering", 0.75), ("product", 0.25)],
                                     {"engineering": "use a profiler", "product": "tell customers"})
     for s in ("Q?", "engineering", "75%", "use a profiler", "product", "25%", "tell customers"):
@@ -143,6 +153,8 @@ def test_failing_expert_is_dropped_and_weights_renormalized(random_adapters, tmp
         failed = [c for c in ans.contributions if c.error]
         assert [c.expert for c in failed] == ["product"] and err in failed[0].error
         assert ans.weights == {"engineering": 1.0}
+    # the deadline cancelled the slow expert's work instead of abandoning it
+    assert SlowBackend.cancelled_after is not None and SlowBackend.cancelled_after < 2.5
 
 
 def test_all_experts_fail_then_base_answers(random_adapters, tmp_path: Path) -> None:
@@ -203,7 +215,7 @@ def test_answer_log_and_stats(om) -> None:
     om.ask(Q_ENG, k=2, strategy="top1")
     lines = Path(om.log.path).read_text().splitlines()
     rec = json.loads(lines[-1])
-    assert "query_sha256" in rec and "query" not in rec
+    assert "query_hmac" in rec and "query" not in rec and rec["id"].startswith("chatcmpl-")
     s = utilization(lines)
     assert s["queries"] == len(lines) and "engineering" in s["experts"]
 
