@@ -96,8 +96,11 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class AbstainRule:
     """Reject (fall back to the base model) when ``confidence < threshold``.
 
-    ``score`` is ``max_prob`` (the top calibrated probability) or ``in_domain``
-    (``max_prob`` times a linear in-domain-vs-off-topic probability fitted on OOD rows).
+    ``score`` is one of ``router_training.schema.ABSTAIN_SCORES``: ``max_prob`` (the top
+    calibrated probability), ``in_domain`` (``max_prob`` times a linear in-domain-vs-off-topic
+    probability fitted on OOD rows), one distance score of ``router_training.ood`` (``knn``,
+    ``mahalanobis``, ``energy``), or ``combined``: the sum of ``components``, each
+    standardized as ``(s - mean) / scale`` on held-out in-domain rows.
     """
 
     score: str = "max_prob"
@@ -105,9 +108,25 @@ class AbstainRule:
     target_false_reject: float = 0.03
     ood_coef: np.ndarray | None = None
     ood_intercept: float = 0.0
+    components: tuple[str, ...] = ()
+    mean: dict[str, float] = field(default_factory=dict)
+    scale: dict[str, float] = field(default_factory=dict)
+    knn_k: int = 1
+    bank: np.ndarray | None = None
+    """(n, dim) unit vectors of training texts for the ``knn`` score."""
+    maha_means: np.ndarray | None = None
+    maha_precision: np.ndarray | None = None
 
     def describe(self) -> str:
-        return "max probability" if self.score == "max_prob" else "in-domain score"
+        if self.score == "combined":
+            return "in-domain score (" + " + ".join(self.components) + ")"
+        return {"max_prob": "max probability", "in_domain": "in-domain score"}.get(self.score, f"{self.score} score")
+
+    def needed(self) -> tuple[str, ...]:
+        """The score components this rule computes."""
+        if self.score == "combined":
+            return self.components
+        return ("max_prob", "in_domain") if self.score == "in_domain" else (self.score,)
 
 
 @dataclass
@@ -140,12 +159,29 @@ class RouterModel:
 
     def confidence(self, x: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """The score the abstain rule compares with its threshold (higher = more in-domain)."""
-        conf = probs.max(axis=1)
+        from router_training.ood import component_scores
+
         rule = self.abstain
-        if rule.score == "in_domain" and rule.ood_coef is not None:
-            z = np.asarray(x, dtype=np.float64) @ rule.ood_coef.astype(np.float64) + rule.ood_intercept
-            conf = conf / (1.0 + np.exp(-z))
-        return conf
+        parts = component_scores(self, x, probs, rule.needed())
+        if rule.score == "in_domain":
+            return parts["max_prob"] / (1.0 + np.exp(-parts["in_domain"]))
+        if rule.score == "combined":
+            return sum(((parts[c] - rule.mean.get(c, 0.0)) / rule.scale.get(c, 1.0) for c in rule.components),
+                       np.zeros(len(probs)))
+        return parts[rule.score]
+
+    def _abstain_json(self) -> dict[str, Any]:
+        rule = self.abstain
+        out: dict[str, Any] = {
+            "score": rule.score,
+            "threshold": rule.threshold,
+            "target_false_reject": rule.target_false_reject,
+        }
+        if rule.score == "combined":
+            out.update(components=list(rule.components), mean=dict(rule.mean), scale=dict(rule.scale))
+        if "knn" in rule.needed():
+            out["knn_k"] = rule.knn_k
+        return out
 
     def to_json(self, weights_sha256: str) -> dict[str, Any]:
         return {
@@ -154,16 +190,25 @@ class RouterModel:
             "embedding": self.embedding,
             "classifier": self.classifier,
             "calibration": {**self.calibration, "temperature": self.temperature},
-            "abstain": {
-                "score": self.abstain.score,
-                "threshold": self.abstain.threshold,
-                "target_false_reject": self.abstain.target_false_reject,
-            },
+            "abstain": self._abstain_json(),
             "training": self.training,
             "metrics": self.metrics,
             "versions": self.versions,
             "weights": {"file": WEIGHTS, "sha256": weights_sha256},
         }
+
+
+def _rule_tensors(rule: AbstainRule) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    if rule.ood_coef is not None:
+        out["ood_coef"] = np.ascontiguousarray(rule.ood_coef, dtype=np.float32)
+        out["ood_intercept"] = np.asarray([rule.ood_intercept], dtype=np.float32)
+    if rule.bank is not None:
+        out["knn_bank"] = np.ascontiguousarray(rule.bank, dtype=np.float16)
+    if rule.maha_means is not None and rule.maha_precision is not None:
+        out["maha_means"] = np.ascontiguousarray(rule.maha_means, dtype=np.float32)
+        out["maha_precision"] = np.ascontiguousarray(rule.maha_precision, dtype=np.float32)
+    return out
 
 
 def save_model(
@@ -182,9 +227,7 @@ def save_model(
     }
     if model.groups is not None:
         tensors["groups"] = np.ascontiguousarray(model.groups, dtype=np.int32)
-    if model.abstain.ood_coef is not None:
-        tensors["ood_coef"] = np.ascontiguousarray(model.abstain.ood_coef, dtype=np.float32)
-        tensors["ood_intercept"] = np.asarray([model.abstain.ood_intercept], dtype=np.float32)
+    tensors.update(_rule_tensors(model.abstain))
     path = Path(path)
     if path.exists() and not overwrite:
         raise RouterError(f"{path} already exists; pass overwrite (--overwrite) to replace it")
@@ -237,12 +280,20 @@ def load_model(path: str | Path) -> RouterModel:
         labels = tuple(str(x) for x in meta["labels"])
         emb, cal, ab = meta["embedding"], meta["calibration"], meta["abstain"]
         coef, intercept = tensors["coef"], tensors["intercept"]
+        bank = tensors.get("knn_bank")
         rule = AbstainRule(
             score=str(ab["score"]),
             threshold=float(ab["threshold"]),
             target_false_reject=float(ab.get("target_false_reject", 0.03)),
             ood_coef=tensors.get("ood_coef"),
             ood_intercept=float(tensors["ood_intercept"][0]) if "ood_intercept" in tensors else 0.0,
+            components=tuple(str(c) for c in ab.get("components", ())),
+            mean={str(k): float(v) for k, v in (ab.get("mean") or {}).items()},
+            scale={str(k): float(v) for k, v in (ab.get("scale") or {}).items()},
+            knn_k=int(ab.get("knn_k", 1)),
+            bank=bank.astype(np.float32) if bank is not None else None,
+            maha_means=tensors.get("maha_means"),
+            maha_precision=tensors.get("maha_precision"),
         )
         model = RouterModel(
             labels=labels,
@@ -272,10 +323,34 @@ def load_model(path: str | Path) -> RouterModel:
         model.groups.min(initial=0) < 0 or set(model.groups.tolist()) != set(range(len(labels)))
     ):
         raise RouterArtifactError("weights 'groups' do not map onto the labels", path=path)
-    if rule.score == "in_domain" and (rule.ood_coef is None or rule.ood_coef.shape != (dim,)):
-        raise RouterArtifactError("abstain rule 'in_domain' lacks its ood_coef weights", path=path)
+    _check_rule_tensors(rule, dim, path)
     _warn_versions(model.versions, path)
     return model
+
+
+def _check_rule_tensors(rule: AbstainRule, dim: int, path: Path) -> None:
+    from router_training.ood import COMPONENTS
+    from router_training.schema import fail
+
+    if rule.score == "combined":
+        if not rule.components or any(c not in COMPONENTS for c in rule.components):
+            fail(path, "abstain.components", f"must list some of {', '.join(COMPONENTS)}, got {list(rule.components)}")
+        for c in rule.components:
+            if c not in rule.mean or c not in rule.scale:
+                fail(path, "abstain.mean", f"component {c!r} lacks its mean/scale")
+    needed = rule.needed()
+    if "in_domain" in needed and (rule.ood_coef is None or rule.ood_coef.shape != (dim,)):
+        raise RouterArtifactError(f"abstain rule '{rule.score}' lacks its ood_coef weights", path=path)
+    if "knn" in needed and (rule.bank is None or rule.bank.ndim != 2 or rule.bank.shape[1] != dim):
+        raise RouterArtifactError(f"abstain rule '{rule.score}' lacks its knn_bank ({dim} columns)", path=path)
+    if "mahalanobis" in needed and (
+        rule.maha_means is None
+        or rule.maha_precision is None
+        or rule.maha_means.ndim != 2
+        or rule.maha_means.shape[1] != dim
+        or rule.maha_precision.shape != (dim, dim)
+    ):
+        raise RouterArtifactError(f"abstain rule '{rule.score}' lacks maha_means/maha_precision", path=path)
 
 
 def _warn_versions(saved: dict[str, str], path: Path) -> None:

@@ -1,0 +1,148 @@
+"""Fit the abstain rule: candidate OOD scores, thresholds at a false-reject target, choice on held-out rows.
+
+Every candidate's threshold is the ``max_false_reject`` quantile of its score on held-out
+in-domain rows (original, conversationally framed and question-form rewrites, so a
+rephrased in-domain question is not rejected for its phrasing). The candidate that rejects
+the most held-out off-topic rows wins; with no off-topic rows, ``max_prob`` is kept.
+
+    >>> rule, recalls = fit_abstain(model, ctx, config=cfg)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from expertmix.errors import RouterError
+from router_training.artifact import AbstainRule, RouterModel
+
+__all__ = ["AbstainData", "candidate_rules", "fit_abstain"]
+
+#: Combined candidates, tried when their parts are available (in_domain needs off-topic rows).
+COMBOS: tuple[tuple[str, ...], ...] = (
+    ("knn", "mahalanobis"),
+    ("knn", "in_domain"),
+    ("mahalanobis", "in_domain"),
+    ("knn", "mahalanobis", "in_domain"),
+)
+
+
+@dataclass
+class AbstainData:
+    """Embeddings the abstain rule is fitted on."""
+
+    x_fit: np.ndarray
+    """In-domain training rows (the classifier's training rows)."""
+    unit: np.ndarray
+    """Classifier unit (label or sub-cluster) of each row of ``x_fit``."""
+    x_bank: np.ndarray
+    """Rows the ``knn`` score compares with (original training texts)."""
+    x_in_cal: np.ndarray
+    """Held-out in-domain rows (thresholds, standardization)."""
+    x_ood_fit: np.ndarray
+    """Off-topic rows to fit the in-domain detector (may be empty)."""
+    x_ood_cal: np.ndarray
+    """Held-out off-topic rows (choice between candidates; may be empty)."""
+
+
+def _fit_in_domain_detector(x_in: np.ndarray, x_ood: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.vstack([x_in, x_ood])
+    y = np.r_[np.ones(len(x_in)), np.zeros(len(x_ood))]
+    est = LogisticRegression(C=1.0, class_weight="balanced", max_iter=3000, random_state=seed).fit(x, y)
+    return est.coef_[0].astype(np.float64), float(est.intercept_[0])
+
+
+def _maha_units(x: np.ndarray, y_unit: np.ndarray, n_units: int, per_label: int, seed: int) -> tuple[np.ndarray, int]:
+    """Sub-clusters for the Mahalanobis means: ``per_label`` k-means clusters inside each unit."""
+    from router_training.classifier import _subclusters
+
+    if per_label <= 1:
+        return y_unit, n_units
+    sub, units = _subclusters(x, y_unit, n_units, per_label, seed)
+    return sub, len(units)
+
+
+def candidate_rules(model: RouterModel, data: AbstainData, config: Any) -> dict[str, AbstainRule]:
+    """Every abstain rule that can be built from ``data`` (``config.abstain_score`` filters)."""
+    from router_training.ood import fit_mahalanobis
+
+    cfg = config
+    has_ood = len(data.x_ood_fit) > 0
+    base = AbstainRule(target_false_reject=cfg.max_false_reject, knn_k=cfg.knn_k)
+    base.bank = data.x_bank.astype(np.float32)
+    n_units = int(data.unit.max()) + 1
+    sub, n_sub = _maha_units(data.x_fit, data.unit, n_units, cfg.ood_units, cfg.seed)
+    base.maha_means, base.maha_precision = fit_mahalanobis(data.x_fit, sub, n_sub)
+    if has_ood:
+        w, b = _fit_in_domain_detector(data.x_fit, data.x_ood_fit, cfg.seed)
+        base.ood_coef, base.ood_intercept = w.astype(np.float32), b
+    names = ["max_prob", "knn", "mahalanobis", "energy"] + (["in_domain"] if has_ood else [])
+    rules = {n: _with(base, score=n) for n in names}
+    for combo in COMBOS:
+        if "in_domain" in combo and not has_ood:
+            continue
+        rules["combined:" + "+".join(combo)] = _with(base, score="combined", components=combo)
+    want = cfg.abstain_score
+    if want != "auto":
+        rules = {k: v for k, v in rules.items() if k == want or k.startswith(want + ":")}
+        if not rules:
+            raise RouterError(f"abstain score {want!r} needs out-of-domain rows (--ood or --ood-label)")
+    return rules
+
+
+def _with(base: AbstainRule, **changes: Any) -> AbstainRule:
+    from dataclasses import replace
+
+    return replace(base, mean={}, scale={}, **changes)
+
+
+def _standardize(model: RouterModel, rule: AbstainRule, x_in: np.ndarray) -> None:
+    from router_training.ood import component_scores
+
+    parts = component_scores(model, x_in, model.predict_proba(x_in), rule.components)
+    for c, s in parts.items():
+        rule.mean[c] = float(np.median(s))
+        rule.scale[c] = float(np.std(s)) or 1.0
+
+
+def _strip(rule: AbstainRule) -> AbstainRule:
+    """Drop the tensors the chosen score does not use (smaller artifact)."""
+    need = rule.needed()
+    if "knn" not in need:
+        rule.bank = None
+    if "mahalanobis" not in need:
+        rule.maha_means = rule.maha_precision = None
+    if "in_domain" not in need:
+        rule.ood_coef, rule.ood_intercept = None, 0.0
+    return rule
+
+
+def fit_abstain(model: RouterModel, data: AbstainData, *, config: Any) -> tuple[AbstainRule, dict[str, float]]:
+    """The chosen rule (threshold set) and each candidate's held-out off-topic recall."""
+    cfg = config
+    rules = candidate_rules(model, data, cfg)
+    recall: dict[str, float] = {}
+    saved = model.abstain
+    try:
+        for name, rule in rules.items():
+            model.abstain = rule
+            if rule.score == "combined":
+                _standardize(model, rule, data.x_in_cal)
+            conf_in = model.confidence(data.x_in_cal, model.predict_proba(data.x_in_cal))
+            rule.threshold = float(np.quantile(conf_in, cfg.max_false_reject)) if cfg.max_false_reject > 0 else -1e30
+            if len(data.x_ood_cal):
+                conf_ood = model.confidence(data.x_ood_cal, model.predict_proba(data.x_ood_cal))
+                recall[name] = float((conf_ood < rule.threshold).mean())
+    finally:
+        model.abstain = saved
+    if recall:
+        # ties go to the simpler rule (fewer parts), then to the name order above
+        order = list(rules)
+        best = max(recall, key=lambda k: (round(recall[k], 4), -k.count("+"), -order.index(k)))
+    else:
+        best = "max_prob" if "max_prob" in rules else next(iter(rules))
+    return _strip(rules[best]), recall

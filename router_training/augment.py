@@ -1,0 +1,145 @@
+"""Training-text augmentation that changes the register, not the department.
+
+Routing data is written in one register per source: code intents are imperative one-liners
+("reverse a list in python"), product rows are statements ("As a user I want …", "The system
+shall …"), finance rows are questions. A classifier trained on that learns the register.
+Two augmentations break the link, both applied in memory (nothing is stored):
+
+* ``frame``: neutral conversational frames ("Hi, quick question: …"), the same for every
+  label and for off-topic rows, so the frame carries no label;
+* ``question_forms``: statements and imperatives rewritten as the questions and requests a
+  user would type ("How should we let a broker …?", "Write a user story for …", "What are
+  the requirements for …", "How do I …?"). The rewrite depends on the text's form (user
+  story, requirement, imperative), never on its label, so it works for any user's data.
+
+    >>> question_forms("As a broker, I want to export reports so that I can audit them", seed=0)[0]
+    'Write a user story: as a broker, I want to export reports so that I can audit them'
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+
+__all__ = ["FRAMES", "frame", "question_forms", "text_form"]
+
+FRAMES = (
+    "Hi, quick question: {t}",
+    "Could you help me with this? {t}",
+    "I'm trying to understand something. {t} Could you explain?",
+    "Hello! {t} Any advice would be appreciated.",
+    "{t} Thanks in advance.",
+    "Can you explain the following to me: {t}",
+    "I have a question for you. {t} What should I look at?",
+    "Hey, I was wondering about this: {t}",
+)
+
+_STORY = re.compile(r"^\s*as an? (?P<role>.+?),? i (?:want|would like|need|wish|can)(?: to)? (?P<goal>.+)$", re.I | re.S)
+_REQ = re.compile(r"^\s*(?P<subj>.{2,80}?)\s+(?P<modal>shall|must|should|will)\s+(?:be able to\s+)?(?P<rest>.+)$", re.I | re.S)
+_QWORDS = (
+    "how", "what", "why", "when", "where", "which", "who", "whom", "whose", "is", "are", "can", "could",
+    "should", "would", "do", "does", "did", "will", "was", "were", "has", "have", "may", "might",
+)
+
+STORY_FORMS = (
+    "Write a user story: {low}",
+    "How should we let a {role} {goal}?",
+    "Write a user story for a {role} who wants to {goal}",
+    "What are the requirements for letting a {role} {goal}?",
+    "We need a feature so a {role} can {goal}. How should we approach it?",
+    "Can you turn this into a proper story with acceptance criteria? {t}",
+)
+REQ_FORMS = (
+    "What are the requirements for how {subj} {modal} {rest}?",
+    "Write a requirement saying that {subj} {modal} {rest}",
+    "How should we make sure {subj} {modal} {rest}?",
+    "Is this a good requirement: {t}",
+    "Our stakeholders say {subj} {modal} {rest}. How do we specify that?",
+)
+IMPERATIVE_FORMS = (
+    "How do I {low}?",
+    "What's the best way to {low}?",
+    "Can you show me how to {low}?",
+    "I need to {low}. How would you do it?",
+)
+GERUND_FORMS = (
+    "Any tips on {low}?",
+    "What's the best approach to {low}?",
+    "How would you go about {low}?",
+)
+STATEMENT_FORMS = (
+    "What do you think about this: {t}",
+    "Can you help with the following? {t}",
+    "{t} How should we handle this?",
+)
+
+
+def _strip_end(s: str) -> str:
+    return s.strip().rstrip(".!;: ").strip()
+
+
+def _lower_first(s: str) -> str:
+    return s[:1].lower() + s[1:] if s[:2] != s[:2].upper() else s
+
+
+def text_form(text: str) -> str:
+    """``question``, ``story``, ``requirement``, ``imperative`` or ``statement``."""
+    t = text.strip()
+    first = t.split(maxsplit=1)[0].lower().strip(",.'\"") if t else ""
+    if t.endswith("?") or first in _QWORDS:
+        return "question"
+    if _STORY.match(t):
+        return "story"
+    if _REQ.match(t):
+        return "requirement"
+    if t[:1].islower() or first in _IMPERATIVE_VERBS:
+        return "imperative"
+    return "statement"
+
+
+_IMPERATIVE_VERBS = frozenset(
+    "add append calculate check concatenate convert count create delete display download drop extract filter "
+    "find format get group install insert iterate join list load make merge open parse plot print read remove "
+    "rename replace return reverse run save select send set sort split sum update upgrade write".split()
+)
+
+
+def question_forms(text: str, *, copies: int = 1, seed: int = 0) -> list[str]:
+    """``copies`` rewrites of ``text`` as a user request (empty for texts already questions)."""
+    form = text_form(text)
+    if form == "question" or copies <= 0:
+        return []
+    t = text.strip()
+    fields = {"t": t, "low": _lower_first(_strip_end(t))}
+    if form == "story":
+        m = _STORY.match(t)
+        assert m is not None
+        goal = _strip_end(re.split(r",?\s+so that\s+", m.group("goal"), maxsplit=1, flags=re.I)[0])
+        fields.update(role=_strip_end(m.group("role")), goal=goal)
+        forms: Sequence[str] = STORY_FORMS
+    elif form == "requirement":
+        m = _REQ.match(t)
+        assert m is not None
+        fields.update(subj=_lower_first(m.group("subj").strip()), modal=m.group("modal").lower(),
+                      rest=_strip_end(m.group("rest")))
+        forms = REQ_FORMS
+    elif form == "imperative":
+        forms = GERUND_FORMS if t.split(maxsplit=1)[0].lower().endswith("ing") else IMPERATIVE_FORMS
+    else:
+        forms = STATEMENT_FORMS
+    rng = random.Random(f"{seed}:{t}")
+    picked = rng.sample(list(forms), min(copies, len(forms)))
+    return [f.format(**fields) for f in picked]
+
+
+def frame(texts: Sequence[str], copies: int, *, seed: int = 0) -> list[str]:
+    """``copies`` conversationally framed variants per text, deterministic for a seed."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(copies):
+        for t in texts:
+            f = rng.choice(FRAMES)
+            body = t[0].lower() + t[1:] if f.startswith(("Hey", "Hi")) and t[:2].istitle() else t
+            out.append(f.format(t=body))
+    return out

@@ -1,0 +1,157 @@
+"""The router's classifier: linear model over (sub-clusters of) labels, C by grouped CV, temperature.
+
+    >>> coef, intercept, units, c, scores = fit_classifier(x, y, groups, n_labels=3, config=cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["fit_classifier", "fit_temperature"]
+
+
+def _make_estimator(name: str, c: float, cfg: Any) -> Any:
+    if name == "logreg":
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(C=c, class_weight=cfg.class_weight, max_iter=3000)
+    if name == "linear_svm":
+        from sklearn.svm import LinearSVC
+
+        return LinearSVC(C=c, class_weight=cfg.class_weight)
+    from sklearn.linear_model import RidgeClassifier
+
+    return RidgeClassifier(alpha=1.0 / c, class_weight=cfg.class_weight)
+
+
+def _linear_params(est: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    coef, intercept = np.asarray(est.coef_, dtype=np.float64), np.asarray(est.intercept_, dtype=np.float64)
+    if n_classes == 2 and coef.shape[0] == 1:  # binary sklearn models keep one row: split it
+        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    return coef, intercept
+
+
+def _fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, cfg: Any):  # noqa: ANN202
+    if cfg.estimator == "centroid":
+        cent = np.stack([x[y == k].mean(axis=0) for k in range(n_classes)])
+        cent /= np.linalg.norm(cent, axis=1, keepdims=True) + 1e-12
+        return cent * 20.0, np.zeros(n_classes)  # scaled cosine; temperature rescales it
+    est = _make_estimator(cfg.estimator, c, cfg).fit(x, y)
+    return _linear_params(est, n_classes)
+
+
+def _subclusters(x: np.ndarray, y: np.ndarray, n_classes: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit index per row and the label of each unit (k-means within each label)."""
+    if k <= 1:
+        return y.copy(), np.arange(n_classes)
+    from sklearn.cluster import KMeans
+
+    sub = np.zeros(len(y), dtype=np.int64)
+    unit_label: list[int] = []
+    for c in range(n_classes):
+        idx = np.flatnonzero(y == c)
+        kc = max(1, min(k, len(idx) // 10))
+        ids = KMeans(kc, n_init=1, random_state=seed).fit(x[idx]).labels_ if kc > 1 else np.zeros(len(idx), int)
+        sub[idx] = len(unit_label) + ids
+        unit_label += [c] * kc
+    return sub, np.array(unit_label)
+
+
+def _label_pred(x: np.ndarray, w: np.ndarray, b: np.ndarray, unit_label: np.ndarray, n: int) -> np.ndarray:
+    from router_training.artifact import _softmax, group_sum
+
+    return group_sum(_softmax(x @ w.T + b), unit_label, n).argmax(1)
+
+
+def _choose_c(
+    x: np.ndarray, y: np.ndarray, u: np.ndarray, unit_label: np.ndarray, groups: np.ndarray, cfg: Any
+) -> tuple[float, dict]:
+    """C by grouped stratified CV on label macro-F1 (a text and its framed copies share a fold)."""
+    if cfg.estimator == "centroid" or len(cfg.c_grid) == 1:
+        return cfg.c_grid[0] if cfg.c_grid else 1.0, {}
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedKFold
+
+    n_classes, n_units = int(unit_label.max()) + 1, len(unit_label)
+    uniq = np.unique(groups)
+    if len(uniq) > cfg.cv_max_rows:
+        rng = np.random.default_rng(cfg.seed)
+        uniq = np.sort(rng.choice(uniq, cfg.cv_max_rows, replace=False))
+        keep = np.isin(groups, uniq)
+        x, y, u, groups = x[keep], y[keep], u[keep], groups[keep]
+    gy = np.array([y[groups == g][0] for g in uniq])
+    folds = min(cfg.cv_folds, int(np.bincount(gy).min()))
+    if folds < 2:
+        return 1.0, {}
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=cfg.seed)
+    scores: dict[float, float] = {}
+    for c in cfg.c_grid:
+        f1s = []
+        for tr_g, te_g in skf.split(uniq, gy):
+            tr, te = np.isin(groups, uniq[tr_g]), np.isin(groups, uniq[te_g])
+            if len(np.unique(u[tr])) < n_units:
+                continue  # a sub-cluster missing from this fold: skip the fold
+            w, b = _fit_linear(x[tr], u[tr], n_units, c, cfg)
+            f1s.append(f1_score(y[te], _label_pred(x[te], w, b, unit_label, n_classes), average="macro"))
+        if not f1s:
+            return 1.0, {}
+        scores[c] = float(np.mean(f1s))
+    best = max(scores.values())
+    # the smallest C (strongest regularization) within 0.002 of the best: generalizes better
+    c = min(c for c, s in scores.items() if s >= best - 0.002)
+    return c, {str(k): round(v, 4) for k, v in scores.items()}
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, unit_label: np.ndarray | None = None) -> float:
+    """Temperature minimizing the held-out negative log-likelihood of the label probabilities."""
+    from scipy.optimize import minimize_scalar
+
+    from router_training.artifact import _softmax, group_sum
+
+    n = int(y.max()) + 1 if unit_label is None else int(unit_label.max()) + 1
+
+    def nll(log_t: float) -> float:
+        p = group_sum(_softmax(logits / np.exp(log_t)), unit_label, n)
+        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(0.01), np.log(100.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def fit_classifier(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    groups: np.ndarray,
+    *,
+    x_orig: np.ndarray,
+    y_orig: np.ndarray,
+    n_labels: int,
+    config: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, dict[str, Any]]:
+    """(coef, intercept, unit_label, C, cv scores). ``groups[i]`` is the original row of
+    training row ``i`` (copies share a CV fold); sub-clusters come from the original rows
+    ``x_orig`` and are carried to their copies through ``groups`` (-1 = no original row: the
+    extra labeled texts, which take the first unit of their label)."""
+    cfg = config
+    best: tuple[float, int, float, dict, np.ndarray, np.ndarray] | None = None
+    cv_scores: dict[str, Any] = {}
+
+    def units_of(sub: np.ndarray, units: np.ndarray) -> np.ndarray:
+        first = np.array([int(np.flatnonzero(units == lab)[0]) for lab in range(n_labels)])
+        return np.where(groups >= 0, sub[np.clip(groups, 0, None)], first[y_train])
+
+    for k in [1, 8] if cfg.subclasses == 0 else [cfg.subclasses]:
+        sub_k, units_k = _subclusters(x_orig, y_orig, n_labels, k, cfg.seed)
+        c_k, scores_k = _choose_c(x_train, y_train, units_of(sub_k, units_k), units_k, groups, cfg)
+        cv_scores[f"subclasses={k}"] = scores_k
+        # sub-clusters add capacity and within-source CV flatters them: demand a clear gain
+        score = max(scores_k.values(), default=0.0) - (0.01 if k > 1 else 0.0)
+        if best is None or score > best[0]:
+            best = (score, k, c_k, scores_k, sub_k, units_k)
+    assert best is not None
+    _, _, c, _, sub_fit, unit_label = best
+    coef, intercept = _fit_linear(x_train, units_of(sub_fit, unit_label), len(unit_label), c, cfg)
+    return coef, intercept, unit_label, c, cv_scores
