@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench-quick clean
+.PHONY: install demo test test-docs bench-smoke bench-quick clean
 
 install: $(STAMP)
 
@@ -27,6 +27,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The runnable blocks of README.md and docs/*.md, and their relative links.
+test-docs: install
+	$(PY) -m pytest -q tests/test_docs.py
+
+# Every bench in its seconds-long --smoke mode (also part of `make test`).
+bench-smoke: install
+	$(PY) -m pytest -q tests/test_benches.py
 
 bench-quick: install
 	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done

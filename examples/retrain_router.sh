@@ -19,9 +19,15 @@ set -euo pipefail
 
 TRAIN=${1:?usage: $0 TRAIN.jsonl VAL.jsonl}
 VAL=${2:?usage: $0 TRAIN.jsonl VAL.jsonl}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# The project's virtualenv (made by `make demo` / `make install`) when it is not already active.
+if ! command -v expertmix > /dev/null && [ -x "$REPO/.venv/bin/expertmix" ]; then
+  PATH="$REPO/.venv/bin:$PATH"
+fi
+command -v expertmix > /dev/null || { echo "expertmix not found: run 'make install' in $REPO first" >&2; exit 1; }
 HOME_DIR=${EXPERTMIX_HOME:-$(python -c 'from expertmix.io import expertmix_home; print(expertmix_home())')}
 STORE=${STORE:-$HOME_DIR/routers}
-SHARED=${EXPERTMIX_SHARED_DATA:-/work/shared/data}
+SHARED=${EXPERTMIX_SHARED_DATA:-$REPO/../shared/data}
 OOD=${OOD:-$SHARED/routing/ood_train.jsonl}
 OOD_VAL=${OOD_VAL:-$SHARED/routing/ood_val.jsonl}
 

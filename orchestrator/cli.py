@@ -55,7 +55,7 @@ KOpt = Annotated[Optional[int], typer.Option("--k", "-k", min=1, help=f"Experts 
 MinWeightOpt = Annotated[Optional[float], typer.Option(
     "--min-weight", min=0.0, max=0.999, help=f"Drop experts below this weight (default: the config's router.min_weight; {_R.min_weight} if unset).")]
 TokensOpt = Annotated[Optional[int], typer.Option(
-    "--max-new-tokens", min=1, help=f"Tokens to generate at most (default: the config's orchestrator.max_new_tokens; {_O.max_new_tokens} if unset).")]
+    "--max-new-tokens", min=1, envvar="EXPERTMIX_MAX_NEW_TOKENS", show_envvar=True, help=f"Tokens to generate at most (default: the config's orchestrator.max_new_tokens; {_O.max_new_tokens} if unset).")]
 TempOpt = Annotated[Optional[float], typer.Option(
     "--temperature", min=0.0, help=f"0 = greedy (default: the config's orchestrator.temperature; {_O.temperature} if unset).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="Sampling seed.")]
@@ -99,9 +99,7 @@ def generate(
     from orchestrator.config import load_config
 
     check_text(question)
-    cfg = load_config(config)
-    cfg.registry.check([expert])
-    srv = find_server(server=server, config=config, local=local)
+    srv = find_server(server=server, config=config, local=local)  # the server validated its config
     if srv is not None:
         body = srv.chat(_drop_none({"model": expert, "messages": [{"role": "user", "content": question}],
                                     "max_tokens": max_new_tokens, "temperature": temperature, "seed": seed}))
@@ -110,6 +108,8 @@ def generate(
                "latency_s": float((body.get("expertmix") or {}).get("latency_s", 0.0)),
                "finish_reason": body["choices"][0].get("finish_reason")}
     else:
+        cfg = load_config(config)
+        cfg.registry.check([expert])
         with load_orchestrator(cfg) as om:
             g = om.generate(expert, question, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         row = {"expert": g.expert, "text": g.text, "tokens": g.tokens, "latency_s": round(g.latency_s, 4),
@@ -144,11 +144,6 @@ def ask(
     from orchestrator.config import load_config, known_strategies
 
     check_text(question)
-    cfg = load_config(config)
-    if strategy is not None and strategy not in known_strategies():
-        from expertmix.errors import StrategyError
-
-        raise StrategyError(f"unknown merge strategy {strategy!r}; choose one of {', '.join(known_strategies())}")
     opts = _drop_none(dict(k=k, strategy=strategy, min_weight=min_weight, max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed))
     emit = _emitter(as_json=as_json, stream=stream)
@@ -175,6 +170,11 @@ def ask(
     else:
         from orchestrator.trace import Answer
 
+        cfg = load_config(config)
+        if strategy is not None and strategy not in known_strategies():
+            from expertmix.errors import StrategyError
+
+            raise StrategyError(f"unknown merge strategy {strategy!r}; choose one of {', '.join(known_strategies())}")
         with load_orchestrator(cfg) as om:
             if stream:
                 answer = None

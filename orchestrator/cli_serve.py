@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -78,9 +78,17 @@ def register(app: typer.Typer) -> None:
         om = Orchestrator(cfg)
         app_ = create_app(om, settings=s, batching=s.batching, owns_orchestrator=True)
         typer.echo(f"expertmix: serving {', '.join(om.expert_names)} + expertmix on http://{s.host}:{s.port}/v1", err=True)
-        server = uvicorn.Server(uvicorn.Config(app_, host=s.host, port=s.port, log_level=log_level,
-                                               timeout_graceful_shutdown=10, access_log=log_level == "debug"))
         from orchestrator.client import remove_port_file, write_port_file
+
+        class _Server(uvicorn.Server):
+            # uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown, so a `finally` after run() never
+            # runs: take the port file down when shutdown starts.
+            async def shutdown(self, sockets: Any = None) -> None:
+                remove_port_file()
+                await super().shutdown(sockets=sockets)
+
+        server = _Server(uvicorn.Config(app_, host=s.host, port=s.port, log_level=log_level,
+                                        timeout_graceful_shutdown=10, access_log=log_level == "debug"))
 
         # `expertmix ask/route/generate` with the same config find this server through the port file.
         client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host

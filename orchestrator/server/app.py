@@ -1,16 +1,19 @@
 """The OpenAI-compatible HTTP app around an :class:`~orchestrator.core.Orchestrator`.
 
     POST /v1/chat/completions   model = "expertmix" (routed + merged), an expert's name, or "__base__"
+    POST /v1/completions        the same models for ``prompt`` clients (the prompt is one user turn)
     GET  /v1/models             the base, each expert (parent = the base), and "expertmix"
-    GET  /health                liveness and queue state (no auth)
+    GET  /openapi.json, /docs   the API description (same auth rule as /v1/*)
+    GET  /health                liveness and queue state (no auth; 503 while shutting down)
     GET  /metrics               Prometheus text format
 
-Work runs in a thread pool (the orchestrator is synchronous and thread-safe); with
-``batching`` on, the local backend's ``generate`` calls go through a
-:class:`~orchestrator.server.batcher.DynamicBatcher`, so concurrent requests decode together.
+Work runs in a thread pool (the orchestrator is synchronous and thread-safe). Batching is the
+orchestrator's business (``Orchestrator(config, batching=True)``); the server only reads
+``om.batcher`` for health and metrics. Every request gets a cancel token: a client that goes
+away, or a server that stops, cancels its work.
 
 >>> from orchestrator.core import Orchestrator                       # doctest: +SKIP
->>> app = create_app(Orchestrator.from_config(), owns_orchestrator=True)  # doctest: +SKIP
+>>> app = create_app(Orchestrator.from_config(batching=True), owns_orchestrator=True)  # doctest: +SKIP
 >>> import uvicorn; uvicorn.run(app, host="127.0.0.1", port=8000)         # doctest: +SKIP
 """
 
@@ -21,63 +24,136 @@ import concurrent.futures as cf
 import contextlib
 import hmac
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from experts.backends.base import GenerationConfig
 from experts.prompts import normalize_messages
 from experts.registry import BASE_EXPERT
-from expertmix.errors import ExpertUnavailable, InputError
 from orchestrator.config import ServerSettings
-from orchestrator.server.errors import install_handlers, to_openai_error
-from orchestrator.server.limits import BodySizeLimit
+from orchestrator.server.errors import Redactor, install_handlers, to_openai_error
+from orchestrator.server.jsonmode import parse_response_format
+from orchestrator.server.limits import BodySizeLimit, Gate, stop_limits
 from orchestrator.server.metrics import Metrics
-from orchestrator.server.schemas import ChatCompletionRequest, OpenAIError, completion, model_card, new_id
-from orchestrator.server.streaming import StopCut, sse_response
+from orchestrator.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    _Request,
+    completion,
+    model_card,
+    new_id,
+    text_completion,
+)
+from orchestrator.server.streaming import sse_response
+from orchestrator.server.work import ORCHESTRATED_MODEL, Work, answer_extra, run_work
 
 if TYPE_CHECKING:
     from orchestrator.core import Orchestrator
-    from orchestrator.server.batcher import DynamicBatcher
 
-__all__ = ["ORCHESTRATED_MODEL", "ServerState", "create_app"]
+__all__ = ["ORCHESTRATED_MODEL", "ServerState", "answer_extra", "create_app"]
 
 logger = logging.getLogger(__name__)
 
-ORCHESTRATED_MODEL = "expertmix"
 T = TypeVar("T")
 
 
+def _cancel_token() -> Any:
+    try:
+        from experts.backends.base import CancelToken
+    except ImportError:  # the core's cancel tokens are not there yet
+        return None
+    return CancelToken()
+
+
 class ServerState:
-    """What the handlers share: the orchestrator, its (optional) batcher, metrics, the worker pool."""
+    """What the handlers share: the orchestrator, metrics, the worker pool, the work in flight."""
 
     def __init__(self, om: Orchestrator, settings: ServerSettings, *, batching: bool, owns_orchestrator: bool) -> None:
         self.om = om
         self.settings = settings
         self.metrics = Metrics()
         self.owns_orchestrator = owns_orchestrator
-        self.in_flight = 0
         self.started = time.time()
         self.closing = False
-        self.batcher: DynamicBatcher | None = None
-        if batching and om.local is not None:
-            from orchestrator.server.batcher import DynamicBatcher
-
-            self.batcher = DynamicBatcher(om.local, max_batch_size=settings.max_batch_size,
-                                          max_wait_ms=settings.max_wait_ms, on_batch=self.metrics.on_batch)
-            for routes in (om.routes, om.pool.routes):
-                for name, backend in list(routes.items()):
-                    if backend is om.local:
-                        routes[name] = self.batcher
+        self.redact = Redactor.for_config(om.config)
+        self._lock = threading.Lock()
+        self._work: dict[int, Work] = {}
+        self._seq = 0
+        self.batcher = getattr(om, "batcher", None)
+        self._own_batcher = False
+        if self.batcher is None and batching and om.local is not None and not hasattr(om, "batcher"):
+            self._rewire(settings)  # an orchestrator older than the core's batching option
+        if self.batcher is not None and getattr(self.batcher, "on_batch", None) is None:
+            self.batcher.on_batch = self.metrics.on_batch
         # one thread per request being served: requests wait in the batcher's queue, not here
         self.executor = cf.ThreadPoolExecutor(max_workers=max(4, min(settings.max_queue, 128)),
                                               thread_name_prefix="expertmix-serve")
         self.base_name = om.config.base.model
+
+    def _rewire(self, settings: ServerSettings) -> None:
+        from experts.backends.batcher import DynamicBatcher
+
+        om = self.om
+        self.batcher = DynamicBatcher(om.local, max_batch_size=settings.max_batch_size,
+                                      max_wait_ms=settings.max_wait_ms, on_batch=self.metrics.on_batch)
+        self._own_batcher = True
+        for routes in (om.routes, om.pool.routes):
+            for name, backend in list(routes.items()):
+                if backend is om.local:
+                    routes[name] = self.batcher
+
+    # -- work in flight --------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self._work)
+
+    def acquire(self, work: Work) -> Callable[[], None]:
+        """Take a queue slot for ``work`` (429 when full, 503 when closing); returns its idempotent release."""
+        with self._lock:
+            if self.closing:
+                raise OpenAIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if len(self._work) >= self.settings.max_queue:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise OpenAIError(429, f"server busy: {len(self._work)} requests in flight "
+                                  f"(max_queue={self.settings.max_queue}); retry with backoff",
+                                  type="rate_limit_error", code="queue_full")
+            self._seq += 1
+            key = self._seq
+            self._work[key] = work
+            self.metrics.in_flight.inc()
+
+        def release() -> None:
+            with self._lock:
+                if self._work.pop(key, None) is not None:
+                    self.metrics.in_flight.dec()
+
+        return release
+
+    def cancel_all(self, reason: str) -> int:
+        with self._lock:
+            works = list(self._work.values())
+        for w in works:
+            if w.cancel is not None:
+                w.cancel.cancel(reason)
+        return len(works)
+
+    def drain(self, grace_s: float) -> bool:
+        """Stop taking work; wait up to ``grace_s`` for the work in flight, then cancel the rest."""
+        self.closing = True
+        deadline = time.monotonic() + grace_s
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.in_flight:
+            logger.warning("shutdown: cancelling %d request(s) still running after %.0f s", self.in_flight, grace_s)
+            self.cancel_all("the server is shutting down")
+            return False
+        return True
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -95,11 +171,38 @@ class ServerState:
 
     def close(self) -> None:
         self.closing = True
-        if self.batcher is not None:
+        self.cancel_all("the server is shutting down")
+        if self._own_batcher and self.batcher is not None:
             self.batcher.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.owns_orchestrator:
             self.om.close()
+
+
+def _check_fields(req: _Request, settings: ServerSettings, rid: str) -> None:
+    """Refuse by name what would otherwise be silently ignored (or drop it, with ``drop_params``)."""
+    drop = bool(getattr(settings, "drop_params", False))
+    unknown = req.unknown_fields()
+    if unknown and not drop:
+        raise OpenAIError(400, f"unknown field(s) {', '.join(unknown)}: this server does not implement them "
+                          "(start it with --drop-params to ignore unknown fields)", param=unknown[0],
+                          code="unknown_parameter")
+    unsupported = req.unsupported()
+    if unsupported and not drop:
+        raise OpenAIError(400, f"{', '.join(unsupported)}: not supported by this server; leave at the default "
+                          "(or start it with --drop-params to ignore)", param=unsupported[0],
+                          code="unsupported_parameter")
+    if drop and (unknown or unsupported):
+        logger.info("request %s: dropped field(s) %s", rid, ", ".join(unknown + unsupported))
+    if isinstance(req, ChatCompletionRequest):
+        problem = req.tool_problem()
+        if problem:
+            raise OpenAIError(400, problem, param=problem.split(":", 1)[0], code="unsupported_parameter")
+    most, chars = stop_limits()
+    stops = req.stop_list
+    if len(stops) > most or sum(len(s) for s in stops) > chars:
+        raise OpenAIError(400, f"stop: {len(stops)} string(s), {sum(len(s) for s in stops)} characters; at most "
+                          f"{most} strings and {chars} characters in all", param="stop", code="too_many_stops")
 
 
 def create_app(
@@ -110,7 +213,8 @@ def create_app(
     owns_orchestrator: bool = False,
 ) -> FastAPI:
     """Build the ASGI app. ``settings`` default to ``om.config.server``; ``owns_orchestrator``
-    closes ``om`` when the app shuts down."""
+    closes ``om`` when the app shuts down. ``batching`` only matters for an orchestrator that
+    does not own a batcher itself (build it with ``Orchestrator(config, batching=True)``)."""
     settings = settings or om.config.server
     state = ServerState(om, settings, batching=batching, owns_orchestrator=owns_orchestrator)
 
@@ -121,10 +225,12 @@ def create_app(
         finally:
             state.close()
 
-    app = FastAPI(title="expertmix", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="expertmix", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.expertmix = state
     install_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(Gate, is_closing=lambda: state.closing)
 
     def check_auth(request: Request) -> None:
         key = settings.api_key
@@ -138,8 +244,8 @@ def create_app(
                               type="authentication_error", code="invalid_api_key")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
+    async def health() -> JSONResponse:
+        body = {
             "status": "shutting_down" if state.closing else "ok",
             "experts": om.expert_names,
             "base": state.base_name,
@@ -148,10 +254,19 @@ def create_app(
             "batching": state.batcher is not None,
             "uptime_s": round(time.time() - state.started, 1),
         }
+        return JSONResponse(body, status_code=503 if state.closing else 200)
 
     @app.get("/metrics", dependencies=[Depends(check_auth)])
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/openapi.json", dependencies=[Depends(check_auth)], include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=[Depends(check_auth)], include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(_docs_page(app.openapi()))
 
     @app.get("/v1/models", dependencies=[Depends(check_auth)])
     async def models() -> dict[str, Any]:
@@ -163,91 +278,94 @@ def create_app(
                                description="routed to the top-k experts and merged (extra body: strategy, k, min_weight)"))
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_auth)], response_model=None)
-    async def chat(req: ChatCompletionRequest) -> Any:
+    async def serve(request: Request, req: _Request, kind: str, raw_messages: list[dict[str, str]]) -> Any:
+        rid = request.scope.get("state", {}).get("request_id") or new_id("req")
+        _check_fields(req, settings, rid)
         target = state.resolve_model(req.model)
         max_tokens = req.token_limit if req.token_limit is not None else om.settings.max_new_tokens
         if max_tokens > settings.max_tokens_limit:
             raise OpenAIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {settings.max_tokens_limit}",
                               param="max_tokens", code="max_tokens_exceeded")
-        messages = normalize_messages([m.as_dict() for m in req.messages])
-        if state.closing:
-            raise OpenAIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-        if state.in_flight >= settings.max_queue:
-            state.metrics.rejected.labels("queue_full").inc()
-            raise OpenAIError(429, f"server busy: {state.in_flight} requests in flight (max_queue={settings.max_queue}); "
-                              "retry with backoff", type="rate_limit_error", code="queue_full")
-        gen = _gen_config(om, req, max_tokens)
-        label = target
+        rule = parse_response_format(getattr(req, "response_format", None))
+        work = Work(rid=rid, kind=kind, model=req.model, target=target, messages=normalize_messages(raw_messages),
+                    max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                    stop=tuple(req.stop_list), strategy=req.strategy, planner=req.planner, k=req.k,
+                    min_weight=req.min_weight, json=rule, cancel=_cancel_token())
+        release = state.acquire(work)
         t0 = time.perf_counter()
-        state.in_flight += 1
-        state.metrics.in_flight.inc()
+        endpoint = "chat" if kind == "chat" else "completions"
 
         def done(status: int) -> None:
-            state.in_flight -= 1
-            state.metrics.in_flight.dec()
-            state.metrics.requests.labels("chat", label, str(status)).inc()
-            state.metrics.latency.labels("chat", label).observe(time.perf_counter() - t0)
+            state.metrics.requests.labels(endpoint, target, str(status)).inc()
+            state.metrics.latency.labels(endpoint, target).observe(time.perf_counter() - t0)
 
         if req.stream:
-            return await sse_response(state, req, target, messages, gen, on_done=done)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await sse_response(state, work, include_usage=include_usage, on_done=done, release=release)
+
+        def job() -> Any:
+            try:
+                return run_work(state, work)
+            finally:
+                release()
+
         status = 499  # the client went away (cancelled) unless set below
         try:
-            if target == ORCHESTRATED_MODEL:
-                body = await state.run(_answer, state, req, messages, gen)
-            else:
-                body = await state.run(_direct, state, req, target, messages, gen)
+            res = await _watch(request, state.run(job), work)
             status = 200
+        except asyncio.CancelledError:
+            if work.cancel is not None:
+                work.cancel.cancel("client disconnected")
+            raise
+        except RuntimeError as exc:  # the executor is shut down: the server is stopping
+            release()
+            status = 503
+            raise OpenAIError(503, "the server is shutting down", type="server_error", code="shutting_down") from exc
         except Exception as exc:
-            err = to_openai_error(exc)
+            err = to_openai_error(exc, redact=state.redact, request_id=rid)
             status = err.status
             raise err from exc
         finally:
             done(status)
-        return JSONResponse(body)
+        render = completion if kind == "chat" else text_completion
+        rid_out = res.id or new_id("chatcmpl" if kind == "chat" else "cmpl")
+        return JSONResponse(render(id=rid_out, model=req.model, text=res.text, finish_reason=res.finish_reason,
+                                   prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                                   expertmix=res.extra))
 
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_auth)], response_model=None)
+    async def chat(request: Request, req: ChatCompletionRequest) -> Any:
+        return await serve(request, req, "chat", [m.as_dict() for m in req.messages])
+
+    @app.post("/v1/completions", dependencies=[Depends(check_auth)], response_model=None)
+    async def completions(request: Request, req: CompletionRequest) -> Any:
+        return await serve(request, req, "text", [{"role": "user", "content": req.prompt_text}])
+
+    from orchestrator.server.admin import install_admin
+
+    install_admin(app, state, check_auth)
     return app
 
 
-def _gen_config(om: Orchestrator, req: ChatCompletionRequest, max_tokens: int) -> GenerationConfig:
-    try:
-        return GenerationConfig(
-            max_new_tokens=max_tokens,
-            temperature=req.temperature if req.temperature is not None else om.settings.temperature,
-            top_p=req.top_p if req.top_p is not None else 1.0,
-            stop=tuple(req.stop_list),
-            seed=req.seed,
-        )
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
+async def _watch(request: Request, fut: Any, work: Work) -> Any:
+    """Await the work; cancel it if the client disconnects before the answer is ready."""
+    task = asyncio.ensure_future(fut)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            if work.cancel is not None:
+                work.cancel.cancel("client disconnected")
+            return await task
 
 
-def answer_extra(answer: Any) -> dict[str, Any]:
-    d = answer.to_dict()
-    d.pop("answer", None)
-    d.pop("usage", None)
-    return d
+def _docs_page(spec: dict[str, Any]) -> str:
+    """Swagger UI with the spec inline, so the page needs no second (authenticated) fetch."""
+    import json
 
-
-def _answer(state: ServerState, req: ChatCompletionRequest, messages: list[dict[str, str]], gen: GenerationConfig) -> dict[str, Any]:
-    """model = expertmix: route, run, merge (blocking; in a worker thread)."""
-    answer = state.om.ask(messages, k=req.k, strategy=req.strategy, max_new_tokens=gen.max_new_tokens,
-                          temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed, min_weight=req.min_weight)
-    state.metrics.observe_answer(answer)
-    state.metrics.observe_tokens(ORCHESTRATED_MODEL, answer.prompt_tokens, answer.tokens)
-    text, cut = StopCut.apply(answer.text, gen.stop)
-    return completion(id=new_id(), model=ORCHESTRATED_MODEL, text=text, finish_reason="stop",
-                      prompt_tokens=answer.prompt_tokens, completion_tokens=answer.tokens, expertmix=answer_extra(answer))
-
-
-def _direct(state: ServerState, req: ChatCompletionRequest, expert: str, messages: list[dict[str, str]],
-            gen: GenerationConfig) -> dict[str, Any]:
-    """model = one expert or __base__: no routing, no merge; errors propagate."""
-    gen = replace(gen, max_time_s=state.om.settings.expert_timeout_s)
-    g = state.om.pool.backend_for(expert).generate([(expert, messages)], gen)[0]
-    if g.extra.get("error"):
-        raise ExpertUnavailable(str(g.extra["error"]), expert=expert)
-    state.metrics.observe_tokens(expert, g.prompt_tokens, g.tokens)
-    return completion(id=new_id(), model=req.model, text=g.text, finish_reason=g.finish_reason,
-                      prompt_tokens=g.prompt_tokens, completion_tokens=g.tokens,
-                      expertmix={"expert": expert, "latency_s": round(g.latency_s, 4)})
+    data = json.dumps(spec).replace("</", "<\\/")
+    return f"""<!doctype html><html><head><title>expertmix API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="ui"></div><script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({{spec: {data}, dom_id: "#ui"}});</script></body></html>"""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,13 +23,58 @@ from expertmix.errors import (
 )
 from orchestrator.server.schemas import OpenAIError, error_body
 
-__all__ = ["install_handlers", "to_openai_error"]
+__all__ = ["Redactor", "install_handlers", "to_openai_error"]
 
 logger = logging.getLogger(__name__)
 
+_URL = re.compile(r"https?://[^\s'\"<>)]+")
+HIDDEN = "<expert server>"
 
-def to_openai_error(exc: BaseException) -> OpenAIError:
-    """Map an exception raised while answering to the HTTP error the client sees."""
+
+class Redactor:
+    """Hides internal addresses (remote experts' ``base_url``s, any URL) from what API clients see.
+
+    The full text is logged server-side with the request id, so an operator can match the two.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def __call__(self, text: str, *, request_id: str | None = None) -> str:
+        out = text
+        for s in self.secrets:
+            out = out.replace(s, HIDDEN)
+        out = _URL.sub(HIDDEN, out)
+        if out != text:
+            logger.warning("request %s: %s", request_id or "-", text)
+            if request_id:
+                out += f" (details in the server log, request id {request_id})"
+        return out
+
+    @classmethod
+    def for_config(cls, config: Any) -> Redactor:
+        from urllib.parse import urlsplit
+
+        secrets: list[str] = []
+        for e in getattr(config, "experts", ()):
+            url = getattr(e, "base_url", None)
+            if url:
+                parts = urlsplit(url)
+                secrets += [url.rstrip("/"), parts.netloc, parts.hostname or ""]
+        return cls(secrets)
+
+
+def to_openai_error(exc: BaseException, *, redact: Redactor | None = None, request_id: str | None = None) -> OpenAIError:
+    """Map an exception raised while answering to the HTTP error the client sees (internal URLs hidden)."""
+    err = _to_openai_error(exc)
+    err.message = (redact or _DEFAULT)(err.message, request_id=request_id)
+    return err
+
+
+_DEFAULT = Redactor()
+
+
+def _to_openai_error(exc: BaseException) -> OpenAIError:
     if isinstance(exc, OpenAIError):
         return exc
     msg = " ".join(str(exc).split()) or type(exc).__name__
@@ -44,6 +91,8 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
         return OpenAIError(status, msg, type="server_error", code="expert_unavailable")
     if isinstance(exc, AllExpertsFailed):
         return OpenAIError(503, msg, type="server_error", code="all_experts_failed")
+    if type(exc).__name__ == "RequestCancelled":
+        return OpenAIError(503, msg, type="server_error", code="cancelled")
     if isinstance(exc, ExpertmixError):
         return OpenAIError(500, msg, type="server_error", code=type(exc).__name__)
     logger.error("unhandled error while answering", exc_info=exc)
@@ -85,7 +134,7 @@ def install_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
-            detail = f"no route {request.method} {request.url.path}; see /v1/chat/completions, /v1/models, /health, /metrics"
+            detail = f"no route {request.method} {request.url.path}; see /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, /docs"
         return JSONResponse(error_body(detail, type=kind, code=str(exc.status_code)), status_code=exc.status_code)
 
     @app.exception_handler(Exception)

@@ -1,7 +1,8 @@
 """``stream: true``: the answer as server-sent events in OpenAI's ``chat.completion.chunk`` format.
 
-The blocking stream (orchestrator or one expert) runs in a worker thread and hands its
-chunks to the event loop through an asyncio queue. The first chunk is awaited before the
+The blocking stream (orchestrator or one expert; see :func:`orchestrator.server.work.stream_source`)
+runs in a worker thread and hands its chunks to the event loop through an asyncio queue. A client
+that goes away cancels the work (its cancel token) and frees its queue slot. The first chunk is awaited before the
 response starts, so errors found early (unknown strategy, prompt too long) still get a
 proper HTTP status; a failure after that becomes an ``{"error": ...}`` event. The last
 content chunk carries ``finish_reason``, ``usage`` and the ``expertmix`` trace;
@@ -14,16 +15,16 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from sse_starlette.sse import EventSourceResponse
 
-from experts.backends.base import GenerationConfig
-from orchestrator.server.schemas import ChatCompletionRequest, chunk, new_id
+from orchestrator.server.schemas import chunk, new_id, text_chunk
 
 if TYPE_CHECKING:
     from orchestrator.server.app import ServerState
+    from orchestrator.server.work import Work
 
 __all__ = ["StopCut", "sse_response"]
 
@@ -64,124 +65,115 @@ class StopCut:
         return out, cut.stopped
 
 
-def _source(state: ServerState, req: ChatCompletionRequest, target: str, messages: list[dict[str, str]],
-            gen: GenerationConfig) -> Iterator[Any]:
-    from orchestrator.server.app import ORCHESTRATED_MODEL
-
-    om = state.om
-    if target == ORCHESTRATED_MODEL:
-        return om.stream(messages, k=req.k, strategy=req.strategy, max_new_tokens=gen.max_new_tokens,
-                         temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed, min_weight=req.min_weight)
-    return om.pool.backend_for(target).stream(target, messages, gen)
-
-
-def _count(state: ServerState, messages: list[dict[str, str]], text: str) -> tuple[int, int]:
-    """Token counts of a directly streamed answer (the local tokenizer; 0 when there is none)."""
-    local = state.om.local
-    if local is None:
-        return 0, 0
-    prompt = len(local.encode_prompt(messages))
-    return prompt, len(local.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-
-
-async def sse_response(state: ServerState, req: ChatCompletionRequest, target: str, messages: list[dict[str, str]],
-                       gen: GenerationConfig, *, on_done: Callable[[int], None]) -> EventSourceResponse:
-    from orchestrator.server.app import ORCHESTRATED_MODEL, answer_extra
+async def sse_response(state: ServerState, work: Work, *, include_usage: bool,
+                       on_done: Callable[[int], None], release: Callable[[], None]) -> EventSourceResponse:
+    """Start ``work`` streaming; ``release`` frees its queue slot when the work itself has ended."""
     from orchestrator.server.errors import to_openai_error
-    from orchestrator.trace import Answer
+    from orchestrator.server.work import Result, _count, stream_source
 
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    cancel = threading.Event()
+    stop = threading.Event()
+
+    def cancel(reason: str) -> None:
+        stop.set()
+        if work.cancel is not None:
+            work.cancel.cancel(reason)
 
     def put(kind: str, value: Any) -> None:
         try:
             loop.call_soon_threadsafe(items.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is gone (server shut down)
-            cancel.set()
+            cancel("server stopped")
 
     def produce() -> None:
         try:
-            it = _source(state, req, target, messages, gen)
+            it = stream_source(state, work)
             try:
                 for item in it:
-                    put("item", item)
-                    if cancel.is_set():
+                    if stop.is_set():
                         break
+                    put("item", item)
             finally:
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
+                it.close()
         except BaseException as exc:  # noqa: BLE001 - handed to the event loop
             put("error", exc)
+        finally:
+            release()
         put("end", None)
 
-    state.executor.submit(produce)
+    try:
+        state.executor.submit(produce)
+    except RuntimeError as exc:  # the executor is shut down: the server is stopping
+        release()
+        on_done(503)
+        raise to_openai_error(exc) from exc
     try:
         first = await items.get()
     except asyncio.CancelledError:
-        cancel.set()
+        cancel("client disconnected")
         on_done(499)
         raise
     if first[0] == "error":
-        cancel.set()
-        err = to_openai_error(first[1])
+        cancel("error")
+        err = to_openai_error(first[1], redact=state.redact, request_id=work.rid)
         on_done(err.status)
         raise err from first[1]
 
-    rid, created, model = new_id(), int(time.time()), req.model
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    render = chunk if work.kind == "chat" else text_chunk
+    rid, created, model = work.answer_id or new_id("chatcmpl" if work.kind == "chat" else "cmpl"), \
+        int(time.time()), work.model
 
     async def events() -> AsyncIterator[str]:
         status = 200
-        cut = StopCut(gen.stop)
-        parts: list[str] = []
-        answer: Answer | None = None
+        cut = StopCut(work.stop)
+        final: Result | None = None
+        sent: list[str] = []
         pending: tuple[str, Any] | None = first
         try:
-            yield json.dumps(chunk(id=rid, model=model, created=created, role=True, content=""))
+            if work.kind == "chat":
+                yield json.dumps(render(id=rid, model=model, created=created, role=True, content=""))
             while True:
                 kind, value = pending if pending is not None else await items.get()
                 pending = None
                 if kind == "end":
                     break
                 if kind == "error":
-                    err = to_openai_error(value)
+                    err = to_openai_error(value, redact=state.redact, request_id=work.rid)
                     status = err.status
                     yield json.dumps(err.body())
                     yield "[DONE]"
                     return
-                if isinstance(value, Answer):
-                    answer = value
+                if isinstance(value, Result):
+                    final = value
                     continue
-                parts.append(value)
                 text = cut.feed(value)
+                sent.append(text)
                 if text:
-                    yield json.dumps(chunk(id=rid, model=model, created=created, content=text))
+                    yield json.dumps(render(id=rid, model=model, created=created, content=text))
                 if cut.stopped:
-                    cancel.set()
+                    cancel("stop string")
                     break
             tail = cut.flush()
+            sent.append(tail)
             if tail:
-                yield json.dumps(chunk(id=rid, model=model, created=created, content=tail))
-            if answer is not None:
-                state.metrics.observe_answer(answer)
-                usage = (answer.prompt_tokens, answer.tokens)
-                extra: dict[str, Any] = answer_extra(answer)
-            else:
-                usage = await asyncio.to_thread(_count, state, messages, "".join(parts))
-                extra = {"expert": target}
-            state.metrics.observe_tokens(ORCHESTRATED_MODEL if answer is not None else target, *usage)
-            finish = "stop" if cut.stopped or answer is not None or usage[1] < gen.max_new_tokens else "length"
-            yield json.dumps(chunk(id=rid, model=model, created=created, finish_reason=finish, usage=usage, expertmix=extra))
+                yield json.dumps(render(id=rid, model=model, created=created, content=tail))
+            if final is not None:
+                usage = (final.prompt_tokens, final.completion_tokens)
+            else:  # cut at a stop string before the work's own end: count what was sent
+                usage = await asyncio.to_thread(_count, state, work.messages, "".join(sent))
+            finish = "stop" if cut.stopped or final is None else final.finish_reason
+            extra = final.extra if final else {}
+            yield json.dumps(render(id=rid, model=model, created=created, finish_reason=finish, usage=usage,
+                                    expertmix=extra))
             if include_usage:
-                yield json.dumps(chunk(id=rid, model=model, created=created, usage=usage, choices=False))
+                yield json.dumps(render(id=rid, model=model, created=created, usage=usage, choices=False))
             yield "[DONE]"
         except asyncio.CancelledError:
             status = 499  # client went away
             raise
         finally:
-            cancel.set()
+            cancel("stream ended")
             on_done(status)
 
     return EventSourceResponse(events(), ping=15)
