@@ -3,6 +3,7 @@ the base model and under each expert: a 4 x 3 table (rows: model, columns: domai
 
     python bench/specialization.py --quick --out bench/results/specialization_quick.json
     python bench/specialization.py --out bench/results/specialization.json
+    python bench/specialization.py --smoke      # seconds: 1 row per domain, 4 response tokens
 
 One LocalBackend holds the base and all three adapters; each val row is scored by the base
 and the three experts in one mixed-adapter batch (peft ``adapter_names``). The scored
@@ -18,10 +19,12 @@ other expert's on that domain.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +41,20 @@ def _sample(n_total: int, n: int) -> list[int]:
     return [int(i * step) for i in range(n)]
 
 
+def _clip(row, n: int):  # noqa: ANN001, ANN202
+    n_prompt = sum(1 for x in row.labels if x == -100)
+    return replace(row, input_ids=row.input_ids[: n_prompt + n], labels=row.labels[: n_prompt + n])
+
+
+def _relative(path: Path) -> str:
+    """A path as results JSON may hold it: relative to the repository (no machine paths)."""
+    return os.path.relpath(Path(path).resolve(), REPO)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 rows per domain (a few minutes on 2 CPU cores)")
+    ap.add_argument("--smoke", action="store_true", help="1 row per domain, 4 response tokens (seconds; for the tests)")
     ap.add_argument("--rows", type=int, default=None, help="rows per domain (0 = all); default 48, --quick 8")
     ap.add_argument("--max-length", type=int, default=384, help="max prompt+response tokens per row")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON result here")
@@ -52,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--adapters", type=Path, default=REPO / "experts" / "default" / "adapters")
     args = ap.parse_args(argv)
-    n_rows = args.rows if args.rows is not None else (8 if args.quick else 48)
+    n_rows = 1 if args.smoke else args.rows if args.rows is not None else (8 if args.quick else 48)
 
     import torch
 
@@ -73,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [pairs[i] for i in _sample(len(pairs), n_rows)]
         rows_used[domain] = len(pairs)
         encoded, _ = encode_pairs(backend.tokenizer, pairs, max_length=args.max_length, path=path)
+        if args.smoke:  # score only the first 4 response tokens
+            encoded = [_clip(row, 4) for row in encoded]
         for row in encoded:
             ids = torch.tensor([row.input_ids] * len(names), device=backend.base.device)
             labels = torch.tensor(row.labels, device=backend.base.device)[1:]
@@ -95,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         "target_met": target,
         "rows": rows_used,
         "tokens": counts,
-        "settings": {"quick": args.quick, "rows_per_domain": n_rows, "max_length": args.max_length},
-        "adapters": str(args.adapters),
+        "settings": {"quick": args.quick, "smoke": args.smoke, "rows_per_domain": n_rows, "max_length": args.max_length},
+        "adapters": _relative(args.adapters),
+        "adapter_sha256_12": {d: hashlib.sha256((args.adapters / d / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+                              for d in DOMAINS},
         "time_s": round(time.perf_counter() - t0, 1),
     }
     print("| model \\ domain | " + " | ".join(DOMAINS) + " |")

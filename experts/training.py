@@ -22,7 +22,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # default: 5% of the steps, at least 1
     val_rows: int | None = 64  # first N validation rows for the base-vs-adapter NLL (None: all)
     threads: int | None = None  # CPU threads for torch (default: all cores); 1 is faster on a busy machine
+    init_adapter: str | Path | None = None  # continue training this PEFT adapter (its rank/alpha/targets win)
 
     def __post_init__(self) -> None:
         from experts.registry import _NAME_RE  # the same rule the config applies
@@ -103,6 +104,9 @@ class TrainConfig:
         for key, ok in checks:
             if not ok:
                 raise ConfigError(f"invalid value {getattr(self, key)!r}", key=key)
+        if self.init_adapter is not None and not (Path(self.init_adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"{self.init_adapter} holds no adapter_config.json; pass a PEFT adapter directory",
+                              key="init_adapter")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"save_dtype must be float32 or bfloat16, got {self.save_dtype!r}", key="save_dtype")
 
@@ -134,6 +138,28 @@ def _check_out_dir(out: Path, *, name: str, force: bool) -> None:
         return
     if any(out.iterdir()):
         raise AdapterError(f"--out {out} is a non-empty directory that is not an adapter; choose another --out", expert=name)
+
+
+def _read_init_adapter(path: str | Path) -> dict[str, Any]:
+    """Shape and provenance of the adapter a warm start continues (its report's steps, its weights' hash)."""
+    path = Path(path)
+    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    if cfg.get("peft_type") != "LORA" or cfg.get("modules_to_save"):
+        raise AdapterError(f"{path}: only plain LoRA adapters can be continued (peft_type LORA, no modules_to_save)",
+                           expert=path.name)
+    targets = cfg.get("target_modules") or []
+    bad = [t for t in targets if t not in SUPPORTED_TARGETS]
+    if bad:
+        raise AdapterError(f"{path}: unsupported LoRA target(s) {', '.join(bad)}", expert=path.name)
+    prev: dict[str, Any] = {}
+    report = path / "training_report.json"
+    if report.is_file():
+        old = json.loads(report.read_text(encoding="utf-8"))
+        hp = old.get("hyperparameters", {})
+        prev = {"steps": hp.get("steps"), "lr": hp.get("lr"), "seed": hp.get("seed"),
+                "previous_init": hp.get("init_adapter"), "created_utc": old.get("created_utc")}
+    return {"path": str(path), "sha256": file_sha256(path / "adapter_model.safetensors"), "r": int(cfg["r"]),
+            "lora_alpha": float(cfg["lora_alpha"]), "targets": sorted(targets), "previous_run": prev}
 
 
 def _versions() -> dict[str, str]:
@@ -283,15 +309,26 @@ def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        target_modules=list(config.targets),
-        lora_dropout=config.dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lora)
+    init = _read_init_adapter(config.init_adapter) if config.init_adapter is not None else None
+    if init is not None:  # warm start: the adapter's own shape; dropout as configured now
+        from peft import PeftModel
+
+        config = replace(config, rank=init["r"], alpha=init["lora_alpha"], targets=tuple(init["targets"]))
+        peft_model = PeftModel.from_pretrained(model, str(config.init_adapter), is_trainable=True)
+        for mod in peft_model.modules():
+            drop = getattr(mod, "lora_dropout", None)
+            if drop is not None and "default" in drop and hasattr(drop["default"], "p"):
+                drop["default"].p = config.dropout
+    else:
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            target_modules=list(config.targets),
+            lora_dropout=config.dropout,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(model, lora)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
@@ -385,6 +422,7 @@ def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool
             "steps": total,
             "seed": config.seed,
             "save_dtype": config.save_dtype,
+            "init_adapter": init,
         },
         "versions": _versions(),
         "time_s": {

@@ -106,6 +106,35 @@ def test_trained_adapter_reloads_with_identical_logits(tiny_run, base_path: str)
     assert torch.equal(a, b)
 
 
+def test_warm_start_continues_an_adapter_and_records_it(tiny_run, tmp_path: Path) -> None:
+    from experts.training import TrainConfig, train_expert
+
+    cfg, first = tiny_run
+    out = tmp_path / "continued"
+    res = train_expert(
+        TrainConfig(name="tiny", data=cfg.data, val=cfg.data, out=out, instruction_field="question",
+                    response_field="answer", rank=4, targets=("q_proj",), lr=1e-3, batch_size=4, max_steps=2,
+                    val_rows=8, seed=1, init_adapter=first.out),
+        progress=False,
+    )
+    hp = res.report["hyperparameters"]
+    init = hp["init_adapter"]
+    # the adapter's own shape wins over the rank/targets given, and the report says what was continued
+    assert hp["rank"] == 8 and set(hp["targets"]) == {"q_proj", "v_proj"}
+    assert init["previous_run"]["steps"] == 6 and len(init["sha256"]) == 64
+    acfg = json.loads((out / "adapter_config.json").read_text())
+    assert acfg["r"] == 8 and set(acfg["target_modules"]) == {"q_proj", "v_proj"}
+    # it started from the trained adapter, not from scratch: val NLL stays near the first run's
+    assert res.report["val_nll_per_token"]["adapter"] < first.report["val_nll_per_token"]["base"] * 0.97
+
+
+def test_warm_start_needs_an_adapter_dir(tmp_path: Path) -> None:
+    from experts.training import TrainConfig
+
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        TrainConfig(name="x", data="d.jsonl", init_adapter=tmp_path)
+
+
 def test_registration_appends_a_valid_experts_table(tiny_run) -> None:
     import tomllib
 
