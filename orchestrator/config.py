@@ -201,6 +201,7 @@ class ServerSettings:
     max_request_bytes: int = _opt(1_000_000, "Largest request body accepted.")
     max_tokens_limit: int = _opt(1024, "Largest max_tokens a client may ask for.")
     batching: bool = _opt(True, "Decode concurrent requests together in shared mixed-adapter batches.")
+    drop_params: bool = _opt(False, "Drop unknown request fields instead of answering 400 (LiteLLM's drop_params).")
 
     def __post_init__(self) -> None:
         sec = "server"

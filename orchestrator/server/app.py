@@ -63,14 +63,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _cancel_token() -> Any:
-    try:
-        from experts.backends.base import CancelToken
-    except ImportError:  # the core's cancel tokens are not there yet
-        return None
-    return CancelToken()
-
-
 class ServerState:
     """What the handlers share: the orchestrator, metrics, the worker pool, the work in flight."""
 
@@ -85,28 +77,17 @@ class ServerState:
         self._lock = threading.Lock()
         self._work: dict[int, Work] = {}
         self._seq = 0
-        self.batcher = getattr(om, "batcher", None)
-        self._own_batcher = False
-        if self.batcher is None and batching and om.local is not None and not hasattr(om, "batcher"):
-            self._rewire(settings)  # an orchestrator older than the core's batching option
-        if self.batcher is not None and getattr(self.batcher, "on_batch", None) is None:
-            self.batcher.on_batch = self.metrics.on_batch
+        # batching is the orchestrator's (Orchestrator(config, batching=True)); the server only watches it
+        self.batcher = om.batcher
+        if batching and self.batcher is None and om.local is not None:
+            logger.info("the orchestrator was built without batching: requests decode one by one")
+        self._on_batch = self.batcher is not None and self.batcher.on_batch is None
+        if self._on_batch:
+            self.batcher.on_batch = self.metrics.on_batch  # type: ignore[union-attr]
         # one thread per request being served: requests wait in the batcher's queue, not here
         self.executor = cf.ThreadPoolExecutor(max_workers=max(4, min(settings.max_queue, 128)),
                                               thread_name_prefix="expertmix-serve")
         self.base_name = om.config.base.model
-
-    def _rewire(self, settings: ServerSettings) -> None:
-        from experts.backends.batcher import DynamicBatcher
-
-        om = self.om
-        self.batcher = DynamicBatcher(om.local, max_batch_size=settings.max_batch_size,
-                                      max_wait_ms=settings.max_wait_ms, on_batch=self.metrics.on_batch)
-        self._own_batcher = True
-        for routes in (om.routes, om.pool.routes):
-            for name, backend in list(routes.items()):
-                if backend is om.local:
-                    routes[name] = self.batcher
 
     # -- work in flight --------------------------------------------------------------------------------
     @property
@@ -139,8 +120,7 @@ class ServerState:
         with self._lock:
             works = list(self._work.values())
         for w in works:
-            if w.cancel is not None:
-                w.cancel.cancel(reason)
+            w.cancel.cancel(reason)
         return len(works)
 
     def drain(self, grace_s: float) -> bool:
@@ -172,8 +152,8 @@ class ServerState:
     def close(self) -> None:
         self.closing = True
         self.cancel_all("the server is shutting down")
-        if self._own_batcher and self.batcher is not None:
-            self.batcher.close()
+        if self._on_batch and self.batcher is not None:
+            self.batcher.on_batch = None
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.owns_orchestrator:
             self.om.close()
@@ -290,7 +270,7 @@ def create_app(
         work = Work(rid=rid, kind=kind, model=req.model, target=target, messages=normalize_messages(raw_messages),
                     max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                     stop=tuple(req.stop_list), strategy=req.strategy, planner=req.planner, k=req.k,
-                    min_weight=req.min_weight, json=rule, cancel=_cancel_token())
+                    min_weight=req.min_weight, json=rule)
         release = state.acquire(work)
         t0 = time.perf_counter()
         endpoint = "chat" if kind == "chat" else "completions"
@@ -314,8 +294,7 @@ def create_app(
             res = await _watch(request, state.run(job), work)
             status = 200
         except asyncio.CancelledError:
-            if work.cancel is not None:
-                work.cancel.cancel("client disconnected")
+            work.cancel.cancel("client disconnected")
             raise
         except RuntimeError as exc:  # the executor is shut down: the server is stopping
             release()
@@ -355,8 +334,7 @@ async def _watch(request: Request, fut: Any, work: Work) -> Any:
         if done:
             return task.result()
         if await request.is_disconnected():
-            if work.cancel is not None:
-                work.cancel.cancel("client disconnected")
+            work.cancel.cancel("client disconnected")
             return await task
 
 

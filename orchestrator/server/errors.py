@@ -18,6 +18,7 @@ from expertmix.errors import (
     ExpertTimeout,
     ExpertUnavailable,
     InputError,
+    RequestCancelled,
     StrategyError,
     UnknownExpert,
 )
@@ -91,7 +92,7 @@ def _to_openai_error(exc: BaseException) -> OpenAIError:
         return OpenAIError(status, msg, type="server_error", code="expert_unavailable")
     if isinstance(exc, AllExpertsFailed):
         return OpenAIError(503, msg, type="server_error", code="all_experts_failed")
-    if type(exc).__name__ == "RequestCancelled":
+    if isinstance(exc, RequestCancelled):
         return OpenAIError(503, msg, type="server_error", code="cancelled")
     if isinstance(exc, ExpertmixError):
         return OpenAIError(500, msg, type="server_error", code=type(exc).__name__)

@@ -77,8 +77,7 @@ async def sse_response(state: ServerState, work: Work, *, include_usage: bool,
 
     def cancel(reason: str) -> None:
         stop.set()
-        if work.cancel is not None:
-            work.cancel.cancel(reason)
+        work.cancel.cancel(reason)
 
     def put(kind: str, value: Any) -> None:
         try:

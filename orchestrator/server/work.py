@@ -8,14 +8,12 @@ honoured by :mod:`orchestrator.server.jsonmode` around whichever call answers.
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from expertmix.errors import ExpertUnavailable
+from experts.backends.base import CancelToken
 from orchestrator.server.jsonmode import ATTEMPTS, JsonRule
 from orchestrator.server.schemas import OpenAIError
 from orchestrator.server.streaming import StopCut
@@ -48,7 +46,7 @@ class Work:
     k: int | None = None
     min_weight: float | None = None
     json: JsonRule | None = None
-    cancel: Any = None  # CancelToken (experts.backends.base) when the core provides it
+    cancel: CancelToken = field(default_factory=CancelToken)
     answer_id: str | None = None
 
     @property
@@ -69,23 +67,9 @@ class Result:
     id: str | None = None
 
 
-@lru_cache(maxsize=64)
-def _params(fn: Callable[..., Any]) -> frozenset[str]:
-    try:
-        return frozenset(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
-
-
-def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call with the keyword arguments ``fn`` knows (``stop``, ``cancel``, ``planner`` are newer)."""
-    known = _params(getattr(fn, "__func__", fn))
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in known and v is not None})
-
-
 def _ask_kwargs(work: Work, temperature: float | None, seed: int | None) -> dict[str, Any]:
     return dict(k=work.k, strategy=work.strategy, planner=work.planner, max_new_tokens=work.max_tokens,
-                temperature=temperature, top_p=work.top_p, seed=seed, stop=list(work.stop) or None,
+                temperature=temperature, top_p=work.top_p, seed=seed, stop=work.stop or None,
                 min_weight=work.min_weight, cancel=work.cancel)
 
 
@@ -100,34 +84,26 @@ def answer_extra(state: ServerState, answer: Answer, rid: str) -> dict[str, Any]
     return d
 
 
-def answer_finish(answer: Answer, max_tokens: int, cut: bool) -> str:
-    """``length`` when any part of the answer hit its token limit (the core's own verdict when it has one)."""
-    if cut:
-        return "stop"
-    own = getattr(answer, "finish_reason", None)
-    if own in ("stop", "length"):
-        return str(own)
-    if answer.tokens >= max_tokens or any(c.tokens >= max_tokens for c in answer.contributions):
-        return "length"
-    return "stop"
+def answer_finish(answer: Answer, cut: bool) -> str:
+    """The core's verdict (``length`` when any part hit its token limit), ``stop`` when a stop string cut it."""
+    return "stop" if cut or answer.finish_reason != "length" else "length"
 
 
 def _orchestrated(state: ServerState, work: Work, messages: list[dict[str, str]], temperature: float | None,
                   seed: int | None) -> Result:
-    answer = _call(state.om.ask, messages, **_ask_kwargs(work, temperature, seed))
+    answer = state.om.ask(messages, **_ask_kwargs(work, temperature, seed))
     state.metrics.observe_answer(answer)
     state.metrics.observe_tokens(ORCHESTRATED_MODEL, answer.prompt_tokens, answer.tokens)
     text, cut = StopCut.apply(answer.text, work.stop)
-    return Result(text, answer_finish(answer, work.max_tokens, cut), answer.prompt_tokens, answer.tokens,
+    return Result(text, answer_finish(answer, cut), answer.prompt_tokens, answer.tokens,
                   answer_extra(state, answer, work.rid), answer, getattr(answer, "id", None))
 
 
 def _direct(state: ServerState, work: Work, messages: list[dict[str, str]], temperature: float | None,
             seed: int | None) -> Result:
-    g = _call(state.om.generate, work.target, messages, max_new_tokens=work.max_tokens, temperature=temperature,
-              top_p=work.top_p, seed=seed, stop=list(work.stop) or None, cancel=work.cancel)
-    if g.extra.get("error"):  # older backends report a failed row instead of raising
-        raise ExpertUnavailable(str(g.extra["error"]), expert=work.target)
+    g = state.om.generate(work.target, messages, max_new_tokens=work.max_tokens, temperature=temperature,
+                          top_p=work.top_p, seed=seed, stop=work.stop or None, cancel=work.cancel)
+    work.cancel.raise_if_cancelled(expert=work.target, what="the request")
     state.metrics.observe_tokens(work.target, g.prompt_tokens, g.tokens)
     text, cut = StopCut.apply(g.text, work.stop)
     finish = "stop" if cut else (g.finish_reason if g.finish_reason in ("stop", "length") else "stop")
@@ -165,7 +141,7 @@ def stream_source(state: ServerState, work: Work) -> Iterator[str | Result]:
         return
     if work.orchestrated:
         parts: list[str] = []
-        for item in _call(state.om.stream, work.messages, **_ask_kwargs(work, work.temperature, work.seed)):
+        for item in state.om.stream(work.messages, **_ask_kwargs(work, work.temperature, work.seed)):
             if isinstance(item, str):
                 parts.append(item)
                 yield item
@@ -174,23 +150,16 @@ def stream_source(state: ServerState, work: Work) -> Iterator[str | Result]:
                 item.prompt_tokens, item.tokens = _count(state, work.messages, "".join(parts))
             state.metrics.observe_answer(item)
             state.metrics.observe_tokens(ORCHESTRATED_MODEL, item.prompt_tokens, item.tokens)
-            yield Result("", answer_finish(item, work.max_tokens, False), item.prompt_tokens, item.tokens,
+            yield Result("", answer_finish(item, False), item.prompt_tokens, item.tokens,
                          answer_extra(state, item, work.rid), item, getattr(item, "id", None))
         return
     yield from _direct_stream(state, work)
 
 
 def _direct_stream(state: ServerState, work: Work) -> Iterator[str | Result]:
-    om = state.om
-    stream_expert = getattr(om, "stream_expert", None)
-    if stream_expert is not None:
-        it = _call(stream_expert, work.target, work.messages, max_new_tokens=work.max_tokens,
-                   temperature=work.temperature, top_p=work.top_p, seed=work.seed, stop=list(work.stop) or None,
-                   cancel=work.cancel)
-    else:
-        gen = _gen_config(state, work)
-        backend = om.pool.backend_for(work.target)
-        it = _call(backend.stream, work.target, work.messages, gen, cancel=work.cancel)
+    it = state.om.generate_stream(work.target, work.messages, max_new_tokens=work.max_tokens,
+                                  temperature=work.temperature, top_p=work.top_p, seed=work.seed,
+                                  stop=work.stop or None, cancel=work.cancel)
     parts: list[str] = []
     try:
         for piece in it:
@@ -200,16 +169,10 @@ def _direct_stream(state: ServerState, work: Work) -> Iterator[str | Result]:
         close = getattr(it, "close", None)
         if close is not None:
             close()
+    work.cancel.raise_if_cancelled(expert=work.target, what="the request")
     prompt, tokens = _count(state, work.messages, "".join(parts))
     state.metrics.observe_tokens(work.target, prompt, tokens)
     yield Result("", "length" if tokens >= work.max_tokens else "stop", prompt, tokens, {"expert": work.target})
-
-
-def _gen_config(state: ServerState, work: Work) -> Any:
-    """Decoding settings for a direct stream, built by the orchestrator when it can (one place)."""
-    om = state.om
-    build = getattr(om, "_gen_config")
-    return _call(build, work.max_tokens, work.temperature, work.top_p, work.seed)
 
 
 def _count(state: ServerState, messages: list[dict[str, str]], text: str) -> tuple[int, int]:
