@@ -90,3 +90,16 @@ def test_no_machine_paths_in_docs() -> None:
             if needle in text:
                 bad.append(f"{doc.relative_to(REPO)}: {needle}")
     assert not bad, "machine paths in docs (write paths relative to the repository):\n" + "\n".join(bad)
+
+
+def test_every_config_key_is_documented() -> None:
+    from dataclasses import fields
+
+    from experts.registry import BaseSpec, ExpertSpec
+    from orchestrator.config import OrchestratorSettings, RouterSettings, ServerSettings
+
+    text = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    missing = [f"{cls.__name__}.{f.name}" for cls in (BaseSpec, RouterSettings, OrchestratorSettings, ServerSettings,
+                                                       ExpertSpec)
+               for f in fields(cls) if f"| `{f.name}` |" not in text]
+    assert not missing, f"docs/configuration.md lacks a row for: {', '.join(missing)}"
