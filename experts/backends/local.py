@@ -84,7 +84,9 @@ class LocalBackend:
 
     @classmethod
     def from_specs(cls, base: BaseSpec, experts: Sequence[ExpertSpec] = ()) -> LocalBackend:
-        return cls(load_base(base.model, device=base.device, dtype=base.dtype), experts)
+        from experts.models import FastOptions
+
+        return cls(load_base(base.model, device=base.device, dtype=base.dtype, options=FastOptions.of(base)), experts)
 
     # -- adapters ---------------------------------------------------------------------------------
     def _load_adapter(self, spec: ExpertSpec) -> None:
@@ -116,6 +118,9 @@ class LocalBackend:
             self._peft = True
         else:
             self.model.load_adapter(str(spec.adapter), adapter_name=spec.name, is_trainable=False)
+        from experts.backends.fast_lora import install_fast_paths
+
+        install_fast_paths(self)  # batched LoRA (docs/performance.md); idempotent, extends to new layers
 
     def add_expert(self, spec: ExpertSpec) -> None:
         """Load one more adapter onto the shared base (e.g. after training)."""

@@ -1,0 +1,221 @@
+"""Small-batch GEMM path on CPU: chosen once per machine from a short probe, cached in ``$EXPERTMIX_HOME``.
+
+Why: torch's CPU ``linear`` (MKL sgemm, ``x @ W.T``) picks a poor kernel for 2-4 rows on some
+CPUs: the 49152x576 ``lm_head`` of SmolLM2 costs 2-3x more at 2-3 rows than at one, although a
+decode step is bound by reading the weights once. Computing the same product as
+``(W @ x.T).T`` (MKL sees a tall-skinny GEMM) reads ``W`` once and stays flat from 1 to 4 rows.
+Which form wins, and up to how many rows, depends on the CPU and MKL build, so a short probe
+(~1-3 s) measures both on the model's own shapes and the answer is cached per machine
+(CPU model, cores, torch version, threads) in ``$EXPERTMIX_HOME/cpu_tuning.json``.
+
+Paths (``[base] gemm``): ``"auto"`` (probe, cached), ``"default"`` (torch's linear, no patch),
+``"wxt"`` (the transposed product up to 4 rows). On CUDA nothing is patched.
+
+``MKL_CBWR`` (MKL's reproducibility branch) also changes the small-M kernels, but MKL only
+accepts it before its first computation (``mkl_cbwr_set`` returns -8 afterwards), so it can only
+be chosen for a whole process; :func:`set_mkl_cbwr` tries it and reports whether it took.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from expertmix.io import atomic_write_text, expertmix_home
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["GEMM_PATHS", "GemmPlan", "choose_gemm", "install_gemm", "probe_gemm", "set_mkl_cbwr", "small_rows_linear"]
+
+logger = logging.getLogger(__name__)
+
+GEMM_PATHS = ("auto", "default", "wxt")
+_PROBE_ROWS = (1, 2, 3, 4, 8, 16)
+_CACHE_FILE = "cpu_tuning.json"
+_CBWR = {"OFF": 0, "BRANCH_OFF": 1, "AUTO": 2, "COMPATIBLE": 3, "AVX": 9, "AVX2": 10, "AVX512": 12}
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """Which product a linear layer uses: ``wxt`` for inputs of at most ``max_rows`` rows."""
+
+    path: str = "default"
+    max_rows: int = 0
+    source: str = "default"  # "probe", "cache", "config", "cuda" (CPU tricks off)
+    probe: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _machine_key() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}|cores={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; as ``(W @ x.T).T`` when x has at most ``max_rows`` rows."""
+    import torch.nn.functional as F
+
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows == 0 or rows > max_rows or x.dtype != weight.dtype:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, x.shape[-1])
+    y = (weight @ x2.t()).t()
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _time(fn: Any, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def probe_gemm(shapes: dict[str, tuple[int, int]], *, reps: int = 5, rows: tuple[int, ...] = _PROBE_ROWS) -> dict[str, Any]:
+    """Time ``linear`` vs ``wxt`` on random weights of ``shapes`` for each row count, interleaved.
+
+    Returns ``{"rows": {r: {"default_ms": .., "wxt_ms": ..}}, "max_rows": n}`` where ``n`` is
+    the largest row count up to which ``wxt`` is not slower in total over the shapes.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(*s, generator=gen) for k, s in shapes.items()}
+    table: dict[str, dict[str, float]] = {}
+    max_rows = 0
+    losing = False
+    with torch.inference_mode():
+        for r in rows:
+            xs = {k: torch.randn(r, w.shape[1], generator=gen) for k, w in weights.items()}
+
+            def default(xs: dict[str, torch.Tensor] = xs) -> None:
+                for k, w in weights.items():
+                    F.linear(xs[k], w)
+
+            def wxt(xs: dict[str, torch.Tensor] = xs) -> None:
+                for k, w in weights.items():
+                    small_rows_linear(xs[k], w, None, 1 << 30)
+
+            default(), wxt()  # warm-up
+            d: list[float] = []
+            t: list[float] = []
+            for i in range(reps):
+                first, second = (default, wxt) if i % 2 == 0 else (wxt, default)
+                a, b = _time(first, 1)[0], _time(second, 1)[0]
+                d.append(a if first is default else b)
+                t.append(b if first is default else a)
+            dm, tm = statistics.median(d) * 1e3, statistics.median(t) * 1e3
+            table[str(r)] = {"default_ms": round(dm, 3), "wxt_ms": round(tm, 3)}
+            # contiguous from one row: the first row count where wxt loses ends its range
+            losing = losing or tm > dm * 1.02
+            if not losing:
+                max_rows = r
+    return {"rows": table, "max_rows": max_rows, "shapes": {k: list(s) for k, s in shapes.items()}, "reps": reps}
+
+
+def _read_cache() -> dict[str, Any]:
+    path = expertmix_home() / _CACHE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def choose_gemm(
+    setting: str = "auto", *, device: str = "cpu", shapes: dict[str, tuple[int, int]] | None = None, refresh: bool = False
+) -> GemmPlan:
+    """The GEMM path for this process: from config, the per-machine cache, or a fresh probe."""
+    if not device.startswith("cpu"):
+        return GemmPlan(source="cuda" if device.startswith("cuda") else device)
+    if setting == "default":
+        return GemmPlan(source="config")
+    if setting == "wxt":
+        return GemmPlan(path="wxt", max_rows=4, source="config")
+    if setting != "auto":
+        from expertmix.errors import ConfigError
+
+        raise ConfigError(f"unknown gemm path {setting!r}; use one of {', '.join(GEMM_PATHS)}", key="base.gemm")
+    key = _machine_key()
+    cache = _read_cache()
+    hit = cache.get(key)
+    if hit and not refresh and isinstance(hit.get("max_rows"), int):
+        n = hit["max_rows"]
+        return GemmPlan(path="wxt" if n > 0 else "default", max_rows=n, source="cache", probe=hit)
+    shapes = shapes or {"lm_head": (49152, 576), "mlp": (1536, 576)}
+    t = time.perf_counter()
+    result = probe_gemm(shapes)
+    result["probe_s"] = round(time.perf_counter() - t, 2)
+    logger.info("GEMM probe (%.1f s): wxt up to %d rows", result["probe_s"], result["max_rows"])
+    cache[key] = result
+    try:
+        atomic_write_text(expertmix_home() / _CACHE_FILE, json.dumps(cache, indent=2) + "\n")
+    except OSError as exc:  # a read-only home only costs the probe next time
+        logger.warning("cannot cache the GEMM probe in %s: %s", expertmix_home(), exc)
+    n = result["max_rows"]
+    return GemmPlan(path="wxt" if n > 0 else "default", max_rows=n, source="probe", probe=result)
+
+
+def install_gemm(model: Any, plan: GemmPlan) -> int:
+    """Route every plain ``nn.Linear`` of ``model`` through :func:`small_rows_linear`; returns how many.
+
+    LoRA wrappers are left alone here (their ``base_layer`` is a plain Linear and gets patched).
+    """
+    import torch.nn as nn
+
+    if plan.path != "wxt" or plan.max_rows <= 0:
+        return 0
+    n = 0
+    for mod in model.modules():
+        if type(mod) is nn.Linear and mod.weight.device.type == "cpu":
+            def forward(x: Any, _m: nn.Linear = mod, _n: int = plan.max_rows) -> Any:
+                return small_rows_linear(x, _m.weight, _m.bias, _n)
+
+            mod.forward = forward
+            n += 1
+    return n
+
+
+def set_mkl_cbwr(mode: str) -> bool:
+    """Ask MKL for a CBWR branch (e.g. ``"COMPATIBLE"``); True when it took effect.
+
+    Only works before MKL's first computation in this process; equivalent to starting the
+    process with ``MKL_CBWR=<mode>`` in the environment.
+    """
+    import ctypes
+
+    import torch
+
+    code = _CBWR.get(mode.upper())
+    if code is None:
+        return False
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        fn = lib.mkl_serv_cbwr_set
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return int(fn(code)) == 0

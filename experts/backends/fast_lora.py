@@ -1,0 +1,296 @@
+"""Batched LoRA for mixed-adapter batches (S-LoRA / Punica BGMV style), replacing peft's per-adapter loop.
+
+peft applies ``adapter_names=`` by registering a pre-hook on every LoRA layer (210 on
+SmolLM2) for each call and, inside every layer, looping over the adapters present with
+``index``/``index_put`` per sub-batch. Here a call with ``adapter_names`` only records the
+per-row adapter names (no hooks), and each LoRA ``Linear`` computes
+
+* one adapter for all rows:  ``y = base(x) + (x @ Aᵀ) @ (s·B)ᵀ``  (two small matmuls), or
+* mixed rows:                ``y = base(x) + bmm(bmm(x, A_rows), B_rows)`` where ``A_rows[i]``,
+  ``B_rows[i]`` are row i's adapter (gathered once per call, zeros for ``__base__`` rows),
+
+so k rows on k adapters cost the same as k rows on one. Ranks may differ (zero-padded).
+Layers this cannot handle (DoRA, LoRA bias, non-Linear) fall back to peft per layer, and a
+model with ``modules_to_save`` keeps peft's hooks entirely. Device-agnostic (works on CUDA).
+
+Single-expert calls can instead run on **merged weights** (``W + s·B·A`` per projection,
+merged on first use, LRU of ``merged_experts`` experts, 0 = off): exactly the base model's
+cost per step, at one extra copy of the projection weights per cached expert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FastLora", "install_fast_lora", "install_fast_paths"]
+
+BASE = "__base__"
+
+
+@dataclass
+class _Pack:
+    """One adapter on one layer: Aᵀ (in, r) and s·Bᵀ (r, out), plus the weights they came from."""
+
+    a_t: torch.Tensor
+    b_t: torch.Tensor
+    src: tuple[Any, Any]
+
+
+class _Call:
+    """Per-call state: the rows' adapter names and per-layer gathered weights."""
+
+    def __init__(self, rows: tuple[str, ...]) -> None:
+        self.rows = rows
+        self.unique = tuple(dict.fromkeys(rows))
+        self.plans: dict[int, Any] = {}
+
+
+class FastLora:
+    """Owns the patched layers of one peft model; see the module docstring."""
+
+    def __init__(self, peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0) -> None:
+        self.model = peft_model
+        self.max_rows = max_rows  # small-row GEMM path for merged weights (cpu_tuning); 0 = off
+        self.merged_experts = merged_experts
+        self.enabled = True  # False: peft's own path (benchmarks compare both in one process)
+        self._tls = threading.local()
+        self._packs: dict[tuple[int, str], _Pack] = {}
+        self._merged: OrderedDict[str, dict[int, tuple[Any, ...]]] = OrderedDict()
+        self._merge_lock = threading.Lock()
+        self.layers: list[Any] = []
+        self.fallback_layers = 0
+        self.calls = {"single": 0, "mixed": 0, "merged": 0, "base": 0}
+
+    # -- installation --------------------------------------------------------------------------------
+    def install(self) -> bool:
+        """Patch the model's LoRA layers (idempotent: a second call patches only new layers)."""
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        lora_model = self.model.base_model
+        if not hasattr(lora_model, "_enable_peft_forward_hooks"):
+            return False
+        try:
+            from peft.utils.other import AuxiliaryTrainingWrapper
+        except ImportError:  # older peft
+            AuxiliaryTrainingWrapper = ()  # noqa: N806
+        if AuxiliaryTrainingWrapper and any(isinstance(m, AuxiliaryTrainingWrapper) for m in lora_model.modules()):
+            return False  # modules_to_save need peft's own hooks
+        for mod in lora_model.modules():
+            if isinstance(mod, LoraLinear) and not getattr(mod, "_expertmix_fast", False):
+                self._patch_layer(mod)
+        if not getattr(lora_model, "_expertmix_fast", False):
+            orig = lora_model._enable_peft_forward_hooks
+            lora_model._enable_peft_forward_hooks = self._hooks(orig)
+            lora_model._expertmix_fast = True
+        return True
+
+    def _patch_layer(self, layer: Any) -> None:
+        orig = type(layer).forward.__get__(layer)
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            call = getattr(self._tls, "call", None)
+            if call is None or args or kwargs:
+                return orig(x, *args, **kwargs)
+            return self._forward(layer, orig, call, x)
+
+        layer.forward = forward
+        layer._expertmix_fast = True
+        self.layers.append(layer)
+
+    def _hooks(self, orig: Any) -> Any:
+        @contextlib.contextmanager
+        def enable(*args: Any, **kwargs: Any) -> Iterator[None]:
+            names = kwargs.get("adapter_names")
+            if not self.enabled or names is None or kwargs.get("alora_offsets") is not None or self.model.training:
+                with orig(*args, **kwargs):
+                    yield
+                return
+            if isinstance(kwargs.get("num_beams"), int) and kwargs["num_beams"] > 1:
+                names = [n for n in names for _ in range(kwargs["num_beams"])]
+            self._check_names(names)
+            if self.merged_experts > 0 and len(set(names)) == 1:
+                self.prepare_merged(names[0])
+            prev = getattr(self._tls, "call", None)
+            self._tls.call = _Call(tuple(names))
+            try:
+                yield
+            finally:
+                self._tls.call = prev
+
+        return enable
+
+    def _prune(self) -> None:
+        """Drop packs of adapters that were deleted (merged adapters come and go)."""
+        by_id = {id(layer): layer for layer in self.layers}
+        for key in list(self._packs):
+            layer = by_id.get(key[0])
+            if layer is None or key[1] not in layer.lora_A:
+                del self._packs[key]
+
+    def _check_names(self, names: Sequence[str]) -> None:
+        if len(self._packs) > 16 * max(1, len(self.layers)):
+            self._prune()
+        known = set()
+        for layer in self.layers:
+            known |= set(layer.lora_A.keys())
+        unknown = {n for n in names if n != BASE} - known
+        if unknown:
+            # the same error peft raises, so callers see one behaviour
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+
+    # -- the layer math ------------------------------------------------------------------------------
+    def _pack(self, layer: Any, name: str) -> _Pack | None:
+        if name == BASE or name not in layer.lora_A:
+            return None
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        key = (id(layer), name)
+        p = self._packs.get(key)
+        if p is not None and p.src[0] is a and p.src[1] is b:
+            return p
+        s = float(layer.scaling[name])
+        p = _Pack(a.detach().t().contiguous(), (b.detach() * s).t().contiguous(), (a, b))
+        self._packs[key] = p
+        return p
+
+    def _supported(self, layer: Any, names: Sequence[str]) -> bool:
+        for n in names:
+            if n == BASE or n not in layer.lora_A:
+                continue
+            if layer.use_dora.get(n, False) or getattr(layer.lora_B[n], "bias", None) is not None:
+                return False
+        return not getattr(layer, "fan_in_fan_out", False) and not layer.disable_adapters
+
+    def _plan(self, layer: Any, call: _Call) -> Any:
+        plan = call.plans.get(id(layer))
+        if plan is not None:
+            return plan
+        if not self._supported(layer, call.unique):
+            plan = ("peft",)
+        elif len(call.unique) == 1:
+            p = self._pack(layer, call.unique[0])
+            merged = self._merged_weight(layer, call.unique[0]) if p is not None else None
+            plan = ("base",) if p is None else ("merged", merged) if merged is not None else ("single", p)
+        else:
+            packs = [self._pack(layer, n) for n in call.rows]
+            real = [p for p in packs if p is not None]
+            if not real:
+                plan = ("base",)
+            else:
+                r = max(p.a_t.shape[1] for p in real)
+                ref = real[0]
+                a = ref.a_t.new_zeros((len(packs), ref.a_t.shape[0], r))
+                b = ref.b_t.new_zeros((len(packs), r, ref.b_t.shape[1]))
+                for i, p in enumerate(packs):
+                    if p is not None:
+                        a[i, :, : p.a_t.shape[1]] = p.a_t
+                        b[i, : p.b_t.shape[0], :] = p.b_t
+                plan = ("mixed", a, b)
+        call.plans[id(layer)] = plan
+        return plan
+
+    def _forward(self, layer: Any, orig: Any, call: _Call, x: torch.Tensor) -> torch.Tensor:
+        plan = self._plan(layer, call)
+        kind = plan[0]
+        if kind == "peft":
+            return orig(x, adapter_names=list(call.rows))
+        if kind == "merged":
+            import torch.nn.functional as F
+
+            w, bias = plan[1]
+            if self.max_rows and w.device.type == "cpu":
+                from experts.backends.cpu_tuning import small_rows_linear
+
+                return small_rows_linear(x, w, bias, self.max_rows)
+            return F.linear(x, w, bias)
+        y = layer.base_layer(x)  # plain Linear (GEMM path from cpu_tuning) or quantized
+        if kind == "base":
+            return y
+        if kind == "single":
+            p = plan[1]
+            xa = x.to(p.a_t.dtype) if x.dtype != p.a_t.dtype else x
+            return y + ((xa @ p.a_t) @ p.b_t).to(y.dtype)
+        import torch
+
+        a, b = plan[1], plan[2]
+        if x.shape[0] != a.shape[0]:  # e.g. a caller that reshaped the batch: let peft handle it
+            return orig(x, adapter_names=list(call.rows))
+        xa = x.to(a.dtype) if x.dtype != a.dtype else x
+        x3 = xa.reshape(x.shape[0], -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(x3, a), b).reshape(*x.shape[:-1], b.shape[-1])
+        return y + delta.to(y.dtype)
+
+    # -- merged single-expert weights ----------------------------------------------------------------
+    def _merged_weight(self, layer: Any, name: str) -> tuple[torch.Tensor, Any] | None:
+        if self.merged_experts <= 0:
+            return None
+        table = self._merged.get(name)
+        if table is None:
+            return None
+        self._merged.move_to_end(name)
+        entry = table.get(id(layer))
+        if entry is None or entry[2] is not layer.lora_A[name].weight or entry[3] is not layer.lora_B[name].weight:
+            return None  # the adapter changed since the merge: use the LoRA path
+        return entry[0], entry[1]
+
+    def prepare_merged(self, name: str) -> bool:
+        """Merge ``name`` into a cached copy of every projection (LRU of ``merged_experts``)."""
+        if self.merged_experts <= 0 or name == BASE:
+            return False
+        with self._merge_lock:
+            if name in self._merged:
+                self._merged.move_to_end(name)
+                return True
+            table: dict[int, tuple[Any, ...]] = {}
+            for layer in self.layers:
+                p = self._pack(layer, name)
+                if p is None or not self._supported(layer, [name]):
+                    continue
+                base = layer.base_layer
+                w = base.weight.detach()
+                delta = (p.a_t.to(w.dtype) @ p.b_t.to(w.dtype)).t()
+                table[id(layer)] = ((w + delta).contiguous(), base.bias, p.src[0], p.src[1])
+            self._merged[name] = table
+            while len(self._merged) > self.merged_experts:
+                self._merged.popitem(last=False)
+            return True
+
+    def clear(self) -> None:
+        """Forget cached packs and merges (after adapters change)."""
+        with self._merge_lock:
+            self._packs.clear()
+            self._merged.clear()
+
+
+def install_fast_lora(peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0) -> FastLora | None:
+    """Patch ``peft_model`` (a ``PeftModel`` with LoRA adapters); None when it cannot be done."""
+    fl = FastLora(peft_model, max_rows=max_rows, merged_experts=merged_experts)
+    return fl if fl.install() else None
+
+
+def install_fast_paths(backend: Any) -> FastLora | None:
+    """Install (or extend to newly loaded adapters) the batched LoRA path of a ``LocalBackend``.
+
+    Reads ``backend.base.options`` (``models.FastOptions``); a no-op without LoRA adapters or
+    with ``fast_lora = false``. The result is kept as ``backend.fast_lora``.
+    """
+    opts = getattr(backend.base, "options", None)
+    if not getattr(backend, "_peft", False) or opts is None or not opts.fast_lora:
+        return None
+    fl: FastLora | None = getattr(backend, "fast_lora", None)
+    if fl is not None and fl.model is backend.model:
+        fl.install()
+        return fl
+    plan = getattr(backend.base, "gemm", None)
+    max_rows = plan.max_rows if plan is not None and plan.path == "wxt" else 0
+    merged = 0 if opts.quantize != "none" else opts.merged_experts  # merging would undo the fewer bytes
+    fl = install_fast_lora(backend.model, max_rows=max_rows, merged_experts=merged)
+    backend.fast_lora = fl
+    return fl
