@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
         max_batch_size: Annotated[Optional[int], typer.Option(help="Rows per decoded batch at most.")] = None,
         max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a batch waits for more requests.")] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+        drop_params: Annotated[bool, typer.Option(
+            "--drop-params", help="Drop unknown request fields instead of answering 400 (LiteLLM's drop_params).")] = False,
     ) -> None:
         """Serve an OpenAI-compatible API: model 'expertmix' (routed + merged), each expert, '__base__'."""
         from dataclasses import replace
@@ -61,6 +63,7 @@ def register(app: typer.Typer) -> None:
             api_key=api_key if api_key is not None else s.api_key,
             max_batch_size=max_batch_size if max_batch_size is not None else s.max_batch_size,
             max_wait_ms=max_wait_ms if max_wait_ms is not None else s.max_wait_ms,
+            drop_params=drop_params or s.drop_params,
         )
         if not 0 < s.port < 65536:
             raise ConfigError(f"--port {s.port} is not a TCP port")
@@ -75,7 +78,7 @@ def register(app: typer.Typer) -> None:
         from orchestrator.core import Orchestrator
         from orchestrator.server.app import create_app
 
-        om = Orchestrator(cfg)
+        om = Orchestrator(cfg, batching=s.batching)
         app_ = create_app(om, settings=s, batching=s.batching, owns_orchestrator=True)
         typer.echo(f"expertmix: serving {', '.join(om.expert_names)} + expertmix on http://{s.host}:{s.port}/v1", err=True)
         from orchestrator.client import remove_port_file, write_port_file
@@ -89,6 +92,9 @@ def register(app: typer.Typer) -> None:
 
         server = _Server(uvicorn.Config(app_, host=s.host, port=s.port, log_level=log_level,
                                         timeout_graceful_shutdown=10, access_log=log_level == "debug"))
+        from orchestrator.server.background import graceful_shutdown
+
+        graceful_shutdown(server, app_)  # SIGTERM: 503 to new requests, drain in-flight work, then exit
 
         # `expertmix ask/route/generate` with the same config find this server through the port file.
         client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
