@@ -1,6 +1,10 @@
 """Cross-department evaluation set: questions from different domains joined into one request.
 
-    python bench/composite.py [--n 48] [--seed 0] [--out FILE.jsonl]
+    python bench/composite.py [--n 48] [--seed 0] [--smoke] [--out FILE.json]
+
+Prints a markdown table of the rows (domains, connector, request) and writes them as JSON
+(``{"settings": ..., "rows": [...]}``); ``--smoke`` builds one row. Scored by
+``bench/quality.py --set composite``.
 
 Deterministic and seeded: the same shared data, ``n`` and ``seed`` give the same rows. Built from
 ``<data>/experts/<domain>/val.jsonl`` (held-out rows of every expert: nothing here was trained on).
@@ -248,16 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=48, help="rows to build")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=C.data_root(), help="shared data root (experts/<domain>/val.jsonl)")
-    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON Lines (default: print 3 examples)")
+    ap.add_argument("--smoke", action="store_true", help="build one row (seconds; for the tests)")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = ap.parse_args(argv)
-    rows = build_composite(args.data, args.n, args.seed)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rows), encoding="utf-8")
-        print(f"wrote {len(rows)} rows to {args.out}", file=sys.stderr)
-    else:
-        for r in rows[:3]:
-            print(f"[{r.id}] {'+'.join(r.domains)} ({r.connector})\n{r.request}\n")
+    n = 1 if args.smoke else args.n
+    rows = build_composite(args.data, n, args.seed)
+    print(f"{len(rows)} cross-department requests (seed {args.seed}): "
+          f"{sum(len(r.parts) == 2 for r in rows)} pairs, {sum(len(r.parts) == 3 for r in rows)} triples")
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " / ")  # noqa: E731
+    print(C.table(["id", "domains", "connector", "request"],
+                  [[r.id, "+".join(r.domains), r.connector, cell(r.request)] for r in rows]))
+    C.write_json(args.out, {"settings": {"n": n, "seed": args.seed, "data": "experts/<domain>/val.jsonl of the shared data",
+                                         "max_question_chars": MAX_QUESTION_CHARS,
+                                         "max_reference_chars": MAX_REFERENCE_CHARS},
+                            "rows": [r.to_dict() for r in rows]})
     return 0
 
 

@@ -3,7 +3,7 @@
     python bench/quality.py --set single|composite|both [--quick] [--smoke] [--out FILE.json]
 
 JSON: ``{"single": {"nll": {...}, ...}, "composite": {"nll": {...}, "parts_routed_correctly": x, ...}}``.
-``--set composite`` is described in bench/quality_composite.py (set built by bench/composite.py).
+``--set composite`` is described in bench/_quality_composite.py (set built by bench/composite.py).
 ``--smoke``: one row per set, 4 reference tokens, 4-token drafts (seconds; the test suite runs it).
 
 Single set. Data: ``experts/<domain>/val.jsonl`` of the shared data (fields instruction, response), an
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                                       max_length=args.max_length, max_ref_tokens=max_ref, quick=args.quick)
         print()
     if args.set in ("composite", "both"):
-        import quality_composite as QC
+        import _quality_composite as QC
 
         cfg = load_config()
         result["composite"] = QC.run(

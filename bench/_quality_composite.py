@@ -1,5 +1,7 @@
 """The composite half of bench/quality.py: cross-department requests (bench/composite.py), scored per strategy.
 
+A private helper (leading underscore: not a bench of its own, tests/test_benches.py skips it).
+
 Per-token NLL of the reference (lower is better), teacher-forced, one mixed-adapter batch per prompt:
 
 - whole-request strategies score the joined reference (the parts' references in order) after the request,
@@ -188,7 +190,7 @@ def run(*, local: Any, router: Any, data: Path, n_rows: int, seed: int, k: int, 
         routing = router.route(row.request, k=k, min_weight=min_weight)
         weights = {e.name: e.weight for e in routing.experts}
         top = routing.experts[0].name
-        merged = local.merged.get(weights) if len(weights) > 1 else top
+        merged = local.merged_adapter(weights) if len(weights) > 1 else top
         names = [BASE_EXPERT, *experts, merged]
         lp = logprobs(local, msgs, row.reference, names, max_tokens=max_ref_tokens)
         col = {n: j for j, n in enumerate(names[:-1])}
