@@ -1,6 +1,8 @@
 """Orchestrator speed: k-expert batching, ask() end to end, mixture tokens/s, adapter_merge first vs cached.
 
-    python bench/speed.py [--quick] [--out FILE.json]
+    python bench/speed.py [--quick] [--smoke] [--out FILE.json]
+
+``--smoke``: seconds (1 round, no warm-up, 4 tokens); the test suite runs it.
 
 One Orchestrator on the shipped config (adapters: the shipped ones, else random stand-ins).
 Greedy, ``max_new_tokens`` fixed (32; 64 without ``--quick``) and EOS suppressed (transformers
@@ -42,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = C.parser(__doc__)
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per section (default 3 --quick, else 9)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per generation (default 32 --quick, else 64)")
+    if not any("--smoke" in a.option_strings for a in ap._actions):
+        ap.add_argument("--smoke", action="store_true", help="seconds: 1 round, no warm-up, 4 tokens")
     args = ap.parse_args(argv)
-    reps = args.reps or (3 if args.quick else 9)
-    n_tok = args.max_new_tokens or (32 if args.quick else 64)
+    reps = 1 if args.smoke else args.reps or (3 if args.quick else 9)
+    n_tok = 4 if args.smoke else args.max_new_tokens or (32 if args.quick else 64)
+    warm = 0 if args.smoke else 1
     t_start = time.perf_counter()
 
     from experts.backends.base import GenerationConfig
@@ -60,9 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     C.force_length(local)
     cfg = GenerationConfig(max_new_tokens=n_tok)
     messages = [{"role": "user", "content": PROMPT}]
-    routing = orch.route(PROMPT, k=3)
+    # min_weight=0: the bench needs k experts even where the default min_weight would drop the weak ones
+    routing = orch.route(PROMPT, k=3, min_weight=0.0)
     order = [e.name for e in routing.experts]
-    routed2 = {e.name: e.weight for e in orch.route(PROMPT, k=2).experts}
+    order += [d for d in C.DOMAINS if d not in order]
+    r2 = {e.name: e.weight for e in orch.route(PROMPT, k=2, min_weight=0.0).experts}
+    if len(r2) < 2:  # the router gave (near) all weight to one expert: mix with the next one anyway
+        r2 = {order[0]: 0.7, order[1]: 0.3}
+    total = sum(r2.values())
+    routed2 = {n: w / total for n, w in r2.items()}
     top = order[0]
     result: dict = {}
 
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         fns[f"batched_k{k}"] = pool_batched(k)
         fns[f"sequential_k{k}"] = pool_sequential(k)
     C.log(f"[1/4] experts stage: 6 variants x {reps} rounds ...")
-    times, last = C.interleaved(fns, reps=reps)
+    times, last = C.interleaved(fns, reps=reps, warmup=warm)
     for name, outs in last.items():
         bad = [o.error for o in outs if not o.ok]
         if bad:
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         def f():
             one_by_one[0] = seq
             try:
-                return orch.ask(PROMPT, k=k, strategy="synthesis", max_new_tokens=n_tok)
+                return orch.ask(PROMPT, k=k, strategy="synthesis", max_new_tokens=n_tok, min_weight=0.0)
             finally:
                 one_by_one[0] = False
         return f
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         fns[f"ask_k{k}"] = ask(k, False)
         fns[f"ask_seq_k{k}"] = ask(k, True)
     C.log(f"[2/4] ask(synthesis): 6 variants x {reps} rounds ...")
-    ask_times, ask_last = C.interleaved(fns, reps=reps)
+    ask_times, ask_last = C.interleaved(fns, reps=reps, warmup=warm)
     asks = {}
     for k in (1, 2, 3):
         a, sq = ask_times[f"ask_k{k}"], ask_times[f"ask_seq_k{k}"]
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return g
 
     C.log(f"[3/4] mixture vs single: 2 variants x {reps} rounds ...")
-    mtimes, mlast = C.interleaved({"single": single, "mixture": mixture}, reps=reps)
+    mtimes, mlast = C.interleaved({"single": single, "mixture": mixture}, reps=reps, warmup=warm)
     mix_tps, one_tps = mix_tps[-reps:], one_tps[-reps:]
     result["mixture"] = {
         "weights": routed2, "single_expert": top,
@@ -186,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return local.generate([(top, messages)], cfg)[0]
 
     C.log(f"[4/4] adapter_merge: 3 variants x {reps} rounds ...")
-    atimes, _ = C.interleaved({"first": first, "cached": cached, "single": single_am}, reps=reps)
+    atimes, _ = C.interleaved({"first": first, "cached": cached, "single": single_am}, reps=reps, warmup=warm)
     t = time.perf_counter()
     local.merged.get(routed2)
     lookup_s = time.perf_counter() - t
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "cached_lookup_s": lookup_s,
         "cache": {"hits": local.merged.hits, "misses": local.merged.misses, "max_size": local.merged.max_size},
     }
+    paths = _paths(local)
     orch.close()
 
     am, mx = result["adapter_merge"], result["mixture"]
@@ -221,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
     print(f"Speed, {n_tok} new tokens per generation (EOS suppressed), greedy; median of {reps} interleaved rounds "
-          f"after 1 warm-up; routed experts for the prompt: {', '.join(f'{e.name} {e.weight:.2f}' for e in routing.experts)}; "
+          f"after {warm} warm-up (noisy shared machine: compare ratios, not seconds); routed experts for the prompt: {', '.join(f'{e.name} {e.weight:.2f}' for e in routing.experts)}; "
           f"adapters: {kind}")
     print()
     print("Experts stage (pool.run: one mixed-adapter batch vs the same experts one after another):")
@@ -253,26 +265,52 @@ def main(argv: list[str] | None = None) -> int:
              yes(targets["adapter_merge_cached_over_single<=1.05"])],
         ],
     ))
+    print(f"paths: {paths}")
     print(C.machine_line(info))
 
     out = {
         **summary,
+        "paths": paths,
         "targets_met": targets,
         **result,
         "raw_times_s": {**{k: [round(x, 4) for x in v] for k, v in times.items()},
                         **{k: [round(x, 4) for x in v] for k, v in ask_times.items()}},
         "settings": {
-            "quick": args.quick, "reps": reps, "warmup_rounds": 1, "max_new_tokens": n_tok,
+            "quick": args.quick, "smoke": args.smoke, "reps": reps, "warmup_rounds": warm, "max_new_tokens": n_tok,
             "eos": "suppressed (min_new_tokens = max_new_tokens)", "decoding": "greedy", "prompt": PROMPT,
             "order": "interleaved, alternating forward/reverse each round",
         },
         "routing": routing.to_dict(),
-        "adapters": C.adapter_info(adapters, kind),
+        "adapters": _relative(C.adapter_info(adapters, kind)),
         "machine": info,
         "time_s": round(time.perf_counter() - t_start, 1),
     }
     C.write_json(args.out, out)
     return 0
+
+
+def _relative(info: dict) -> dict:
+    """No absolute machine paths in results JSON."""
+    p = Path(info.get("path", ""))
+    if p.is_absolute():
+        try:
+            info["path"] = str(p.relative_to(C.REPO))
+        except ValueError:
+            info["path"] = p.name
+    return info
+
+
+def _paths(local) -> dict:  # noqa: ANN001
+    """The fast paths the local backend runs with (docs/performance.md)."""
+    plan = getattr(local.base, "gemm", None)
+    fl = getattr(local, "fast_lora", None)
+    opts = getattr(local.base, "options", None)
+    return {
+        "gemm": plan.path if plan else None, "gemm_max_rows": plan.max_rows if plan else None,
+        "gemm_source": plan.source if plan else None,
+        "fast_lora": fl is not None and fl.enabled, "merged_experts": fl.merged_experts if fl else 0,
+        "quantize": opts.quantize if opts else "none",
+    }
 
 
 if __name__ == "__main__":
