@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
-from composite import CompositeRow, build_composite  # noqa: E402
+import _common as C
+from composite import CompositeRow, build_composite
 
 WHOLE = ("base", "top1", "mixture", "adapter_merge", "synthesis", "synthesis_aggregator")
 PER_PART = ("decompose", "oracle")
@@ -47,20 +47,29 @@ LABELS = {
     "decompose": "decompose (segment planner, part -> its expert)",
     "oracle": "oracle (each part -> its domain's expert)",
 }
-TARGETS = {"decompose_within_3pct_of_oracle": 0.03, "decompose_10pct_below_top1": -0.10, "parts_routed_correctly": 0.90}
+TARGETS = {
+    "decompose_within_3pct_of_oracle": 0.03,
+    "decompose_10pct_below_top1": -0.10,
+    "parts_routed_correctly": 0.90,
+}
 
 
 # -- scoring --------------------------------------------------------------------------------------
-def _target_ids(local: Any, messages: list[dict], reference: str, max_tokens: int | None) -> tuple[list[int], list[int]]:
+def _target_ids(
+    local: Any, messages: list[dict], reference: str, max_tokens: int | None
+) -> tuple[list[int], list[int]]:
     """(prompt ids, reference ids incl. end-of-turn), encoded as ``LocalBackend.score_nll`` does."""
     prompt = local.encode_prompt(messages)
-    full = local.encode_prompt([*messages, {"role": "assistant", "content": reference}], add_generation_prompt=False)
+    full = local.encode_prompt(
+        [*messages, {"role": "assistant", "content": reference}], add_generation_prompt=False
+    )
     target = full[len(prompt) :]
     return prompt, target[:max_tokens] if max_tokens else target
 
 
-def logprobs(local: Any, messages: list[dict], reference: str, names: Sequence[str], *,
-             max_tokens: int | None = None) -> Any:
+def logprobs(
+    local: Any, messages: list[dict], reference: str, names: Sequence[str], *, max_tokens: int | None = None
+) -> Any:
     """Per-token log-probs of the reference under each adapter name: a [len(names), T] tensor."""
     import torch
 
@@ -81,18 +90,35 @@ def _mixture_nll(lp: Any, cols: Sequence[int], weights: Sequence[float]) -> floa
 
 
 # -- drafts (synthesis) ---------------------------------------------------------------------------
-def drafts(local: Any, experts: Sequence[str], messages: list[dict], *, max_new_tokens: int, repetition_penalty: float,
-           adapter_hash: dict[str, str], stats: dict[str, int]) -> dict[str, str]:
+def drafts(
+    local: Any,
+    experts: Sequence[str],
+    messages: list[dict],
+    *,
+    max_new_tokens: int,
+    repetition_penalty: float,
+    adapter_hash: dict[str, str],
+    stats: dict[str, int],
+) -> dict[str, str]:
     """Greedy drafts of ``experts`` for ``messages``, one mixed batch for the uncached ones; cached on disk."""
-    from experts.backends.base import GenerationConfig
     from expertmix.io import atomic_write_text, expertmix_home
+    from experts.backends.base import GenerationConfig
 
     cache = expertmix_home() / "bench-cache" / "drafts"
     out: dict[str, str] = {}
     todo: list[tuple[str, Path]] = []
     for e in experts:
-        key = json.dumps({"base": local.base.name, "expert": e, "adapter": adapter_hash.get(e, ""), "messages": messages,
-                          "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}, sort_keys=True)
+        key = json.dumps(
+            {
+                "base": local.base.name,
+                "expert": e,
+                "adapter": adapter_hash.get(e, ""),
+                "messages": messages,
+                "max_new_tokens": max_new_tokens,
+                "repetition_penalty": repetition_penalty,
+            },
+            sort_keys=True,
+        )
         path = cache / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
         if path.is_file():
             out[e] = json.loads(path.read_text(encoding="utf-8"))["text"]
@@ -109,14 +135,24 @@ def drafts(local: Any, experts: Sequence[str], messages: list[dict], *, max_new_
     return out
 
 
-def synthesis_messages(settings: Any, request: str, experts: Sequence[tuple[str, float]], texts: dict[str, str]) -> list[dict]:
+def synthesis_messages(
+    settings: Any, request: str, experts: Sequence[tuple[str, float]], texts: dict[str, str]
+) -> list[dict]:
     """The aggregator's prompt, built from the configured templates exactly as the ``synthesis`` strategy does."""
     contributions = "\n\n".join(
-        settings.contribution_template.format(expert=n, weight=f"{w:.2f}", weight_pct=f"{100 * w:.0f}%", text=texts[n].strip())
+        settings.contribution_template.format(
+            expert=n, weight=f"{w:.2f}", weight_pct=f"{100 * w:.0f}%", text=texts[n].strip()
+        )
         for n, w in experts
     )
-    return [{"role": "user", "content": settings.synthesis_template.format(question=request.strip(),
-                                                                          contributions=contributions)}]
+    return [
+        {
+            "role": "user",
+            "content": settings.synthesis_template.format(
+                question=request.strip(), contributions=contributions
+            ),
+        }
+    ]
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -152,7 +188,9 @@ def _span(part: Any, request: str) -> tuple[int, int]:
     return (a, a + len(part.text)) if a >= 0 else (0, 0)
 
 
-def match_parts(gold_spans: Sequence[tuple[int, int]], planned: Sequence[Any], request: str) -> list[int | None]:
+def match_parts(
+    gold_spans: Sequence[tuple[int, int]], planned: Sequence[Any], request: str
+) -> list[int | None]:
     """For each gold span, the index of the planned part overlapping it most (None: no overlap)."""
     spans = [_span(p, request) for p in planned]
     out: list[int | None] = []
@@ -171,8 +209,20 @@ def _part_expert(part: Any) -> str:
 
 
 # -- the bench ------------------------------------------------------------------------------------
-def run(*, local: Any, router: Any, data: Path, n_rows: int, seed: int, k: int, min_weight: float, settings: Any,
-        draft_tokens: int, max_ref_tokens: int | None, adapter_hash: dict[str, str]) -> dict[str, Any]:
+def run(
+    *,
+    local: Any,
+    router: Any,
+    data: Path,
+    n_rows: int,
+    seed: int,
+    k: int,
+    min_weight: float,
+    settings: Any,
+    draft_tokens: int,
+    max_ref_tokens: int | None,
+    adapter_hash: dict[str, str],
+) -> dict[str, Any]:
     """Score ``n_rows`` composite requests; returns the ``composite`` section of the bench JSON."""
     from experts.registry import BASE_EXPERT
     from orchestrator.planning import Part, Plan
@@ -203,17 +253,38 @@ def run(*, local: Any, router: Any, data: Path, n_rows: int, seed: int, k: int, 
         # synthesis: drafts of the top-2 (as served: the survivors of min_weight)
         top2 = router.route(row.request, k=2, min_weight=0.0)
         pair = [(e.name, e.weight) for e in top2.experts]
-        texts = drafts(local, [n for n, _ in pair], msgs, max_new_tokens=draft_tokens,
-                       repetition_penalty=settings.repetition_penalty, adapter_hash=adapter_hash, stats=draft_stats)
+        texts = drafts(
+            local,
+            [n for n, _ in pair],
+            msgs,
+            max_new_tokens=draft_tokens,
+            repetition_penalty=settings.repetition_penalty,
+            adapter_hash=adapter_hash,
+            stats=draft_stats,
+        )
         agg = settings.aggregator
-        lp_agg = logprobs(local, synthesis_messages(settings, row.request, pair, texts), row.reference, [agg],
-                          max_tokens=max_ref_tokens)
+        lp_agg = logprobs(
+            local,
+            synthesis_messages(settings, row.request, pair, texts),
+            row.reference,
+            [agg],
+            max_tokens=max_ref_tokens,
+        )
         sums["synthesis_aggregator"] += float(-lp_agg.sum())
         if len(weights) > 1:
             n_aggregated += 1
             served = [(n, w) for n, w in weights.items()]
-            lp_served = logprobs(local, synthesis_messages(settings, row.request, served, texts), row.reference, [agg],
-                                 max_tokens=max_ref_tokens) if served != pair else lp_agg
+            lp_served = (
+                logprobs(
+                    local,
+                    synthesis_messages(settings, row.request, served, texts),
+                    row.reference,
+                    [agg],
+                    max_tokens=max_ref_tokens,
+                )
+                if served != pair
+                else lp_agg
+            )
             sums["synthesis"] += float(-lp_served.sum())
         else:
             sums["synthesis"] += float(-lp[col[top]].sum())
@@ -222,7 +293,11 @@ def run(*, local: Any, router: Any, data: Path, n_rows: int, seed: int, k: int, 
         gold_parts = tuple(Part(p.text, routing, p.span) for p in row.parts)
         gold_plan = Plan(gold_parts, "gold", routing)
         plan = make_plan(planner, row.request, router, k=k, min_weight=min_weight) if planner else None
-        matched = match_parts([p.span for p in row.parts], plan.parts, row.request) if plan else [None] * len(row.parts)
+        matched = (
+            match_parts([p.span for p in row.parts], plan.parts, row.request)
+            if plan
+            else [None] * len(row.parts)
+        )
         row_parts = []
         for gp, gold_part, m in zip(row.parts, gold_parts, matched):
             o_msgs = part_prompt(row.request, gold_plan, gold_part)
@@ -239,11 +314,22 @@ def run(*, local: Any, router: Any, data: Path, n_rows: int, seed: int, k: int, 
             if d_msgs == o_msgs and expert == gp.domain:
                 sums["decompose"] += float(-lp_o.sum())
             else:
-                sums["decompose"] += float(-logprobs(local, d_msgs, gp.reference, [expert], max_tokens=max_ref_tokens).sum())
-            row_parts.append({"domain": gp.domain, "routed": expert, "planned_text": planned.text if planned else None})
+                sums["decompose"] += float(
+                    -logprobs(local, d_msgs, gp.reference, [expert], max_tokens=max_ref_tokens).sum()
+                )
+            row_parts.append(
+                {"domain": gp.domain, "routed": expert, "planned_text": planned.text if planned else None}
+            )
         if i < 4:
-            examples.append({"id": row.id, "request": row.request, "whole_routing": [[n, round(w, 3)] for n, w in weights.items()],
-                             "parts": row_parts, "drafts": {n: t[:160] for n, t in texts.items()}})
+            examples.append(
+                {
+                    "id": row.id,
+                    "request": row.request,
+                    "whole_routing": [[n, round(w, 3)] for n, w in weights.items()],
+                    "parts": row_parts,
+                    "drafts": {n: t[:160] for n, t in texts.items()},
+                }
+            )
         C.log(f"composite {i + 1}/{len(rows)} scored")
 
     nll: dict[str, float | None] = {m: sums[m] / toks["whole"] for m in WHOLE}
@@ -254,7 +340,9 @@ def run(*, local: Any, router: Any, data: Path, n_rows: int, seed: int, k: int, 
         "nll": nll,
         "parts_routed_correctly": routed,
         "relative_to_top1": {m: (v / nll["top1"] - 1.0 if v is not None else None) for m, v in nll.items()},
-        "relative_to_oracle": {m: (v / nll["oracle"] - 1.0 if v is not None else None) for m, v in nll.items()},
+        "relative_to_oracle": {
+            m: (v / nll["oracle"] - 1.0 if v is not None else None) for m, v in nll.items()
+        },
         "targets_met": _targets(nll, routed),
         "rows": len(rows),
         "parts": n_parts,
@@ -264,10 +352,16 @@ def run(*, local: Any, router: Any, data: Path, n_rows: int, seed: int, k: int, 
         "drafts": {**draft_stats, "max_new_tokens": draft_tokens},
         "planner": "segment" if planner else why_no_planner,
         "examples": examples,
-        "settings": {"n": n_rows, "seed": seed, "k": k, "min_weight": min_weight, "max_ref_tokens": max_ref_tokens,
-                     "tokens_note": "whole-request models score the joined reference (parts separated by a blank "
-                                    "line, one end-of-turn); per-part models score each part's reference with its "
-                                    "own end-of-turn: token counts differ slightly"},
+        "settings": {
+            "n": n_rows,
+            "seed": seed,
+            "k": k,
+            "min_weight": min_weight,
+            "max_ref_tokens": max_ref_tokens,
+            "tokens_note": "whole-request models score the joined reference (parts separated by a blank "
+            "line, one end-of-turn); per-part models score each part's reference with its "
+            "own end-of-turn: token counts differ slightly",
+        },
     }
     return result
 
@@ -277,7 +371,9 @@ def _targets(nll: dict[str, float | None], routed: float | None) -> dict[str, bo
     if d is None:
         return {k: None for k in TARGETS}
     return {
-        "decompose_within_3pct_of_oracle": bool(d / nll["oracle"] - 1.0 <= TARGETS["decompose_within_3pct_of_oracle"]),
+        "decompose_within_3pct_of_oracle": bool(
+            d / nll["oracle"] - 1.0 <= TARGETS["decompose_within_3pct_of_oracle"]
+        ),
         "decompose_10pct_below_top1": bool(d / nll["top1"] - 1.0 <= TARGETS["decompose_10pct_below_top1"]),
         "parts_routed_correctly": bool(routed is not None and routed >= TARGETS["parts_routed_correctly"]),
     }
@@ -285,30 +381,48 @@ def _targets(nll: dict[str, float | None], routed: float | None) -> dict[str, bo
 
 def print_table(res: dict[str, Any]) -> None:
     nll = res["nll"]
-    print(f"Composite set: {res['rows']} cross-department requests ({res['rows_by_parts']['2']} pairs, "
-          f"{res['rows_by_parts']['3']} triples), {res['parts']} parts; per-token NLL of the reference (lower is "
-          f"better); routing k={res['settings']['k']}, min_weight={res['settings']['min_weight']}")
+    print(
+        f"Composite set: {res['rows']} cross-department requests ({res['rows_by_parts']['2']} pairs, "
+        f"{res['rows_by_parts']['3']} triples), {res['parts']} parts; per-token NLL of the reference (lower is "
+        f"better); routing k={res['settings']['k']}, min_weight={res['settings']['min_weight']}"
+    )
     rows = []
     for m in MODELS:
         v = nll[m]
         if v is None:
             rows.append([LABELS[m], "n/a", "", ""])
             continue
-        rows.append([LABELS[m], f"**{v:.3f}**", "" if m == "top1" else f"{100 * res['relative_to_top1'][m]:+.1f}%",
-                     "" if m == "oracle" else f"{100 * res['relative_to_oracle'][m]:+.1f}%"])
+        rows.append(
+            [
+                LABELS[m],
+                f"**{v:.3f}**",
+                "" if m == "top1" else f"{100 * res['relative_to_top1'][m]:+.1f}%",
+                "" if m == "oracle" else f"{100 * res['relative_to_oracle'][m]:+.1f}%",
+            ]
+        )
     print(C.table(["model", "NLL/token", "vs top1", "vs oracle"], rows))
     pr = res["parts_routed_correctly"]
-    print(f"parts routed to their domain's expert: {'n/a' if pr is None else f'{100 * pr:.0f}%'} "
-          f"(planner: {res['planner']}); synthesis used the aggregator on {res['synthesis_rows_aggregated']}/"
-          f"{res['rows']} rows as served")
+    print(
+        f"parts routed to their domain's expert: {'n/a' if pr is None else f'{100 * pr:.0f}%'} "
+        f"(planner: {res['planner']}); synthesis used the aggregator on {res['synthesis_rows_aggregated']}/"
+        f"{res['rows']} rows as served"
+    )
     t = res["targets_met"]
 
     def yn(x: bool | None) -> str:
         return "n/a" if x is None else ("yes" if x else "NO")
 
     d = nll["decompose"]
-    extra = (f" ({100 * res['relative_to_oracle']['decompose']:+.1f}% vs oracle, "
-             f"{100 * res['relative_to_top1']['decompose']:+.1f}% vs top1)") if d is not None else ""
-    print(f"targets: decompose within 3% of oracle: {yn(t['decompose_within_3pct_of_oracle'])}; decompose >= 10% "
-          f"below top1: {yn(t['decompose_10pct_below_top1'])}; parts routed >= 90%: {yn(t['parts_routed_correctly'])}"
-          + extra)
+    extra = (
+        (
+            f" ({100 * res['relative_to_oracle']['decompose']:+.1f}% vs oracle, "
+            f"{100 * res['relative_to_top1']['decompose']:+.1f}% vs top1)"
+        )
+        if d is not None
+        else ""
+    )
+    print(
+        f"targets: decompose within 3% of oracle: {yn(t['decompose_within_3pct_of_oracle'])}; decompose >= 10% "
+        f"below top1: {yn(t['decompose_10pct_below_top1'])}; parts routed >= 90%: {yn(t['parts_routed_correctly'])}"
+        + extra
+    )

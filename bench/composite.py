@@ -151,8 +151,10 @@ def _first_second(qs: Sequence[str]) -> list[Piece]:  # "I have two questions. F
     words = ("First", "Second", "Third")
     out: list[Piece] = [("lit", f"I have {'two' if len(qs) == 2 else 'three'} questions. ")]
     for i, q in enumerate(qs):
-        out += [("lit", ("" if i == 0 else " ") + words[i] + ", "),
-                ("part", _lower_first(_core(q)) + ("?" if _is_question(q) else "."))]
+        out += [
+            ("lit", ("" if i == 0 else " ") + words[i] + ", "),
+            ("part", _lower_first(_core(q)) + ("?" if _is_question(q) else ".")),
+        ]
     return out
 
 
@@ -184,7 +186,14 @@ def eligible_questions(data_root: Path, domain: str) -> list[_Question]:
                 continue
             row = json.loads(line)
             q, r = str(row.get("instruction", "")).strip(), str(row.get("response", "")).strip()
-            if not q or not r or "\n" in q or "\r" in q or len(q) > MAX_QUESTION_CHARS or len(r) > MAX_REFERENCE_CHARS:
+            if (
+                not q
+                or not r
+                or "\n" in q
+                or "\r" in q
+                or len(q) > MAX_QUESTION_CHARS
+                or len(r) > MAX_REFERENCE_CHARS
+            ):
                 continue
             if len(_core(q)) < 8:
                 continue
@@ -199,12 +208,25 @@ def _assemble(pieces: list[Piece], qs: Sequence[_Question], connector: str, row_
     for kind, s in pieces:
         if kind == "part":
             q = qs[k]
-            parts.append(CompositePart(text=s, domain=q.domain, span=(len(request), len(request) + len(s)),
-                                       reference=q.reference, question=q.question, line=q.line))
+            parts.append(
+                CompositePart(
+                    text=s,
+                    domain=q.domain,
+                    span=(len(request), len(request) + len(s)),
+                    reference=q.reference,
+                    question=q.question,
+                    line=q.line,
+                )
+            )
             k += 1
         request += s
-    return CompositeRow(id=row_id, request=request, reference="\n\n".join(p.reference for p in parts),
-                        parts=tuple(parts), connector=connector)
+    return CompositeRow(
+        id=row_id,
+        request=request,
+        reference="\n\n".join(p.reference for p in parts),
+        parts=tuple(parts),
+        connector=connector,
+    )
 
 
 def build_composite(data_root: Path | str, n: int, seed: int = 0) -> list[CompositeRow]:
@@ -251,21 +273,38 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=48, help="rows to build")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", type=Path, default=C.data_root(), help="shared data root (experts/<domain>/val.jsonl)")
+    ap.add_argument(
+        "--data", type=Path, default=C.data_root(), help="shared data root (experts/<domain>/val.jsonl)"
+    )
     ap.add_argument("--smoke", action="store_true", help="build one row (seconds; for the tests)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = ap.parse_args(argv)
     n = 1 if args.smoke else args.n
     rows = build_composite(args.data, n, args.seed)
-    print(f"{len(rows)} cross-department requests (seed {args.seed}): "
-          f"{sum(len(r.parts) == 2 for r in rows)} pairs, {sum(len(r.parts) == 3 for r in rows)} triples")
-    cell = lambda s: s.replace("|", "\\|").replace("\n", " / ")  # noqa: E731
-    print(C.table(["id", "domains", "connector", "request"],
-                  [[r.id, "+".join(r.domains), r.connector, cell(r.request)] for r in rows]))
-    C.write_json(args.out, {"settings": {"n": n, "seed": args.seed, "data": "experts/<domain>/val.jsonl of the shared data",
-                                         "max_question_chars": MAX_QUESTION_CHARS,
-                                         "max_reference_chars": MAX_REFERENCE_CHARS},
-                            "rows": [r.to_dict() for r in rows]})
+    print(
+        f"{len(rows)} cross-department requests (seed {args.seed}): "
+        f"{sum(len(r.parts) == 2 for r in rows)} pairs, {sum(len(r.parts) == 3 for r in rows)} triples"
+    )
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " / ")
+    print(
+        C.table(
+            ["id", "domains", "connector", "request"],
+            [[r.id, "+".join(r.domains), r.connector, cell(r.request)] for r in rows],
+        )
+    )
+    C.write_json(
+        args.out,
+        {
+            "settings": {
+                "n": n,
+                "seed": args.seed,
+                "data": "experts/<domain>/val.jsonl of the shared data",
+                "max_question_chars": MAX_QUESTION_CHARS,
+                "max_reference_chars": MAX_REFERENCE_CHARS,
+            },
+            "rows": [r.to_dict() for r in rows],
+        },
+    )
     return 0
 
 

@@ -35,11 +35,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
+
+if TYPE_CHECKING:
+    from experts.training_data import Encoded
 
 MODELS = ("base", "oracle", "top1", "top1_served", "mixture", "adapter_merge")
 LABELS = {
@@ -197,7 +200,7 @@ def run_single(*, local: Any, router: Any, data: Path, n_rows: int, max_length: 
     }
 
 
-def _clip(row, n: int):  # noqa: ANN001, ANN202
+def _clip(row: Encoded, n: int) -> Encoded:
     from dataclasses import replace
 
     n_prompt = sum(1 for x in row.labels if x == -100)

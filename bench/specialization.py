@@ -26,11 +26,16 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DOMAINS = ("finance", "engineering", "product")
+
+if TYPE_CHECKING:
+    from experts.training_data import Encoded
+
 MODELS = ("base", *DOMAINS)
 
 
@@ -41,7 +46,7 @@ def _sample(n_total: int, n: int) -> list[int]:
     return [int(i * step) for i in range(n)]
 
 
-def _clip(row, n: int):  # noqa: ANN001, ANN202
+def _clip(row: Encoded, n: int) -> Encoded:
     n_prompt = sum(1 for x in row.labels if x == -100)
     return replace(row, input_ids=row.input_ids[: n_prompt + n], labels=row.labels[: n_prompt + n])
 

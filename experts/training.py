@@ -26,11 +26,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from expertmix.errors import AdapterError, ConfigError
+from expertmix.io import atomic_dir, atomic_write_text, file_sha256
 from experts.models import DEFAULT_BASE
 from experts.training_data import Encoded, encode_pairs, length_grouped_batches, load_pairs, pad_batch
 from experts.training_register import check_registration, register_expert
-from expertmix.errors import AdapterError, ConfigError
-from expertmix.io import atomic_dir, atomic_write_text, file_sha256
 
 __all__ = ["SUPPORTED_TARGETS", "TrainConfig", "TrainResult", "train_expert"]
 

@@ -11,26 +11,34 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from composite import CONNECTORS, DOMAINS, build_composite, eligible_questions  # noqa: E402
+from composite import CONNECTORS, DOMAINS, build_composite, eligible_questions
 
 
 def _write_val(root: Path) -> Path:
     rows = {
-        "finance": [("What is a bond yield?", "The return on a bond."),
-                    ("How do I hedge EUR revenue", "Use forwards."),
-                    ("What does EBITDA measure?", "Operating profit before D&A."),
-                    ("Explain a 401k match.", "Employer contributions.")],
-        "engineering": [("get value of environment variable \"HOME\"", "os.environ['HOME']"),
-                        ("sort list `l` in reverse order", "l.sort(reverse=True)"),
-                        ("Convert string `s` to lowercase", "s.lower()")],
-        "product": [("Write a user story for the NSF product.", "As a user, I want to search."),
-                    ("Write a security requirement for the 3 system.", "The system shall encrypt data.")],
+        "finance": [
+            ("What is a bond yield?", "The return on a bond."),
+            ("How do I hedge EUR revenue", "Use forwards."),
+            ("What does EBITDA measure?", "Operating profit before D&A."),
+            ("Explain a 401k match.", "Employer contributions."),
+        ],
+        "engineering": [
+            ('get value of environment variable "HOME"', "os.environ['HOME']"),
+            ("sort list `l` in reverse order", "l.sort(reverse=True)"),
+            ("Convert string `s` to lowercase", "s.lower()"),
+        ],
+        "product": [
+            ("Write a user story for the NSF product.", "As a user, I want to search."),
+            ("Write a security requirement for the 3 system.", "The system shall encrypt data."),
+        ],
     }
     for d, pairs in rows.items():
         p = root / "experts" / d
         p.mkdir(parents=True)
         lines = [json.dumps({"instruction": q, "response": r, "source": "t"}) for q, r in pairs]
-        lines.insert(1, json.dumps({"instruction": "multi\nline question here", "response": "x", "source": "t"}))
+        lines.insert(
+            1, json.dumps({"instruction": "multi\nline question here", "response": "x", "source": "t"})
+        )
         (p / "val.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
