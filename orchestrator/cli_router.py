@@ -37,42 +37,90 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
             typer.echo(f"  {key:<18} {_fmt(metrics[key])}")
 
 
+OnConflict = Annotated[
+    str, typer.Option("--on-conflict", help="A text with two labels: error, or drop (every row of it, counted).")
+]
+Paths = Annotated[Optional[list[Path]], typer.Option(help="May be given several times.")]
+
+
+def _train_config(
+    estimator: str, max_false_reject: float, augment: int, question_forms: int, abstain_score: str, quick: bool = False
+) -> Any:
+    from router_training.train import TrainConfig
+
+    extra: dict[str, Any] = {"c_grid": (1.0,), "subclasses": 1} if quick else {}
+    return TrainConfig(
+        estimator=estimator,
+        max_false_reject=max_false_reject,
+        augment=augment,
+        question_forms=question_forms,
+        abstain_score=abstain_score,
+        **extra,
+    )
+
+
+EstimatorOpt = Annotated[str, typer.Option(help="logreg, linear_svm, ridge or centroid.")]
+FrrOpt = Annotated[float, typer.Option(help="Share of in-domain held-out rows the abstain rule may reject.")]
+AugmentOpt = Annotated[int, typer.Option(help="Conversational copies per training text (0 = off).")]
+QFormsOpt = Annotated[
+    int, typer.Option(help="Question/request rewrites per statement or imperative training text (0 = off).")
+]
+AbstainOpt = Annotated[
+    str,
+    typer.Option(help="auto, max_prob, in_domain, knn, mahalanobis, energy, combined[:a+b] (auto: best on held-out)."),
+]
+ExtraOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option(help="Extra labeled texts for training only (e.g. department descriptions); repeatable."),
+]
+EmbeddingOpt = Annotated[
+    Optional[str], typer.Option(help="sentence-transformers model directory (default: bundled MiniLM).")
+]
+
+
 def train(
     data: Annotated[Path, typer.Argument(help="Labeled training data (.jsonl or .csv).")],
     val: Annotated[Optional[Path], typer.Option(help="Labeled validation data (calibration, threshold).")] = None,
-    ood: Annotated[Optional[Path], typer.Option(help="Off-topic texts used to fit the abstain rule.")] = None,
-    ood_val: Annotated[Optional[Path], typer.Option(help="Held-out off-topic texts for the threshold.")] = None,
+    ood: Annotated[Optional[list[Path]], typer.Option(help="Off-topic texts used to fit the abstain rule; repeatable.")] = None,
+    ood_val: Annotated[Optional[list[Path]], typer.Option(help="Held-out off-topic texts (choice of abstain score); repeatable.")] = None,
+    extra: ExtraOpt = None,
     ood_label: OodLabel = None,
     text_field: TextField = "text",
     label_field: LabelField = "label",
+    on_conflict: OnConflict = "error",
     out: Annotated[Optional[Path], typer.Option(help="Router store to add a version to.")] = None,
     artifact_dir: Annotated[
         Optional[Path], typer.Option(help="Write one plain artifact directory here instead of a store version.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --artifact-dir.")] = False,
-    estimator: Annotated[str, typer.Option(help="logreg, linear_svm, ridge or centroid.")] = "logreg",
-    max_false_reject: Annotated[float, typer.Option(help="Share of in-domain rows the abstain rule may reject.")] = 0.03,
-    augment: Annotated[int, typer.Option(help="Conversational copies per training text (0 = off).")] = 1,
-    embedding_model: Annotated[
-        Optional[str], typer.Option(help="sentence-transformers model directory (default: bundled MiniLM).")
-    ] = None,
+    estimator: EstimatorOpt = "logreg",
+    max_false_reject: FrrOpt = 0.03,
+    augment: AugmentOpt = 1,
+    question_forms: QFormsOpt = 2,
+    abstain_score: AbstainOpt = "auto",
+    embedding_model: EmbeddingOpt = None,
     min_per_label: Annotated[int, typer.Option(help="Minimum rows per label.")] = 5,
 ) -> None:
     """Train a router and write it as a new version (the first version becomes current)."""
     with one_line_errors():
         from router_training.data import DataConfig
         from router_training.embed import EmbedConfig
-        from router_training.train import TrainConfig, train_and_save
+        from router_training.train import train_and_save
 
         path, metrics = train_and_save(
             str(data),
             val=str(val) if val else None,
-            ood=str(ood) if ood else None,
-            ood_val=str(ood_val) if ood_val else None,
+            ood=[str(p) for p in ood or []],
+            ood_val=[str(p) for p in ood_val or []],
+            extra=[str(p) for p in extra or []],
             data_config=DataConfig(
-                text_field=text_field, label_field=label_field, ood_label=ood_label, min_per_label=min_per_label
+                text_field=text_field,
+                label_field=label_field,
+                ood_label=ood_label,
+                min_per_label=min_per_label,
+                on_conflict=on_conflict,
             ),
-            train_config=TrainConfig(estimator=estimator, max_false_reject=max_false_reject, augment=augment),
+            train_config=_train_config(estimator, max_false_reject, augment, question_forms, abstain_score),
             embed_config=EmbedConfig(model=embedding_model),
             store=str(out) if out else None,
             artifact_dir=str(artifact_dir) if artifact_dir else None,
@@ -84,18 +132,58 @@ def train(
 
 
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Labeled evaluation data (.jsonl or .csv).")],
+    data: Annotated[Path, typer.Argument(help="Labeled evaluation data; with --loso, the training data.")],
     router: Annotated[Optional[Path], typer.Option(help="Artifact or store (default: current).")] = None,
     ood: Annotated[Optional[Path], typer.Option(help="Extra off-topic texts.")] = None,
     ood_label: OodLabel = None,
     text_field: TextField = "text",
     label_field: LabelField = "label",
+    on_conflict: OnConflict = "drop",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write report.json/.md/confusion_matrix.png here.")] = None,
+    loso: Annotated[
+        bool,
+        typer.Option(
+            "--loso",
+            help="Leave-one-source-out: DATA is training data with a source field; train without each source "
+            "and test on it (uses the training options below, not --router).",
+        ),
+    ] = False,
+    source_field: Annotated[str, typer.Option(help="Field naming each row's source (--loso).")] = "source",
+    val: Annotated[Optional[Path], typer.Option(help="--loso: validation rows of the same sources, tested too.")] = None,
+    extra: ExtraOpt = None,
+    estimator: EstimatorOpt = "logreg",
+    augment: AugmentOpt = 1,
+    question_forms: QFormsOpt = 2,
+    quick: Annotated[bool, typer.Option(help="--loso: one C, no sub-clusters, at most 300 test rows per source.")] = False,
+    embedding_model: EmbeddingOpt = None,
 ) -> None:
-    """Evaluate a router on labeled data (accuracy, macro-F1, calibration, OOD)."""
+    """Evaluate a router on labeled data (accuracy, macro-F1, calibration, OOD), or --loso a training recipe.
+
+    In an evaluation file a text with two labels is reported and skipped (--on-conflict drop).
+    """
     with one_line_errors():
-        metrics, labels = _evaluate_files(router, data, ood, ood_label, text_field, label_field)
+        from router_training.data import DataConfig
+
+        dcfg = DataConfig(
+            text_field=text_field,
+            label_field=label_field,
+            ood_label=ood_label,
+            on_conflict=on_conflict,
+            source_field=source_field,
+        )
+        if loso:
+            cfg = _train_config(estimator, 0.03, augment, question_forms, "max_prob", quick=quick)
+            res = _loso_files(data, val, extra, dcfg, cfg, embedding_model, 300 if quick else None)
+            if as_json:
+                typer.echo(json.dumps(res, indent=2))
+                return
+            typer.echo(f"leave-one-source-out on {data}: macro accuracy {res['macro_accuracy']:.4f}")
+            for src, acc in res["per_source"].items():
+                d = res["details"][src]
+                typer.echo(f"  {src:<28} {acc:.4f}  (label {d['label']}, n={d['n']}, top-2 {d['top2_accuracy']:.4f})")
+            return
+        metrics, labels, issues = _evaluate_files(router, data, ood, dcfg)
         if report is not None:
             from router_training.evaluate import write_report
 
@@ -104,36 +192,58 @@ def evaluate(
             typer.echo(json.dumps(metrics, indent=2))
         else:
             typer.echo(f"router eval on {data}")
+            for issue in issues:
+                typer.echo(f"  note: {issue}")
             _print_metrics(metrics)
+
+
+def _loso_files(
+    data: Path, val: Path | None, extra: list[Path] | None, dcfg: Any, cfg: Any, embedding_model: str | None,
+    max_test: int | None,
+) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from router_training.data import load_labeled
+    from router_training.embed import EmbedConfig, Encoder
+    from router_training.loso import loso
+
+    train_cfg = replace(dcfg, on_conflict="error") if dcfg.on_conflict == "drop" else dcfg
+    train = load_labeled(data, train_cfg)
+    val_data = load_labeled(val, dcfg, allowed_labels=train.labels_set, require_classes=False) if val else None
+    extra_data = None
+    for p in extra or []:
+        d = load_labeled(p, dcfg, allowed_labels=train.labels_set, require_classes=False)
+        if extra_data is None:
+            extra_data = d
+        else:
+            extra_data.texts += d.texts
+            extra_data.labels += d.labels
+    enc = Encoder(EmbedConfig(model=embedding_model))
+    return loso(train, encoder=enc, config=cfg, val=val_data, extra=extra_data, max_test=max_test, progress=True)
 
 
 def _evaluate_files(
     router_path: Path | None,
     data: Path,
     ood: Path | None,
-    ood_label: str | None,
-    text_field: str,
-    label_field: str,
-) -> tuple[dict[str, Any], tuple[str, ...]]:
+    dcfg: Any,
+) -> tuple[dict[str, Any], tuple[str, ...], list[str]]:
     import numpy as np
 
     from orchestrator.routing import Router
-    from router_training.data import DataConfig, load_labeled, load_texts
+    from router_training.data import load_labeled, load_texts
     from router_training.evaluate import evaluate_arrays
 
     r = Router.load(router_path, warm=False)
-    d = load_labeled(
-        data,
-        DataConfig(text_field=text_field, label_field=label_field, ood_label=ood_label),
-        allowed_labels=r.labels,
-        require_classes=False,
-    )
-    ood_texts = list(d.ood_texts) + (load_texts(ood, text_field=text_field) if ood else [])
+    d = load_labeled(data, dcfg, allowed_labels=r.labels, require_classes=False)
+    ood_texts = list(d.ood_texts) + (load_texts(ood, text_field=dcfg.text_field) if ood else [])
     index = {lab: i for i, lab in enumerate(r.labels)}
     x = r.encoder.encode(d.texts, progress=True)
     ox = r.encoder.encode(ood_texts, progress=True) if ood_texts else None
     y = np.array([index[lab] for lab in d.labels], dtype=int)
-    return evaluate_arrays(r.model, x, y, d.texts, ood_x=ox), r.labels
+    metrics = evaluate_arrays(r.model, x, y, d.texts, ood_x=ox)
+    metrics["skipped_conflicts"] = d.conflicts
+    return metrics, r.labels, list(d.issues)
 
 
 def promote(
@@ -152,8 +262,12 @@ def promote(
         score: Callable[[Path], float] | None = None
         if data is not None:
 
+            from router_training.data import DataConfig
+
+            dcfg = DataConfig(text_field=text_field, label_field=label_field, ood_label=ood_label, on_conflict="drop")
+
             def score(p: Path) -> float:
-                m, _ = _evaluate_files(p, data, None, ood_label, text_field, label_field)
+                m, _, _ = _evaluate_files(p, data, None, dcfg)
                 return float(m["macro_f1"])
 
         typer.echo(RouterStore(store).promote(version, force=force, score=score))

@@ -10,7 +10,7 @@ the most held-out off-topic rows wins; with no off-topic rows, ``max_prob`` is k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -95,8 +95,6 @@ def candidate_rules(model: RouterModel, data: AbstainData, config: Any) -> dict[
 
 
 def _with(base: AbstainRule, **changes: Any) -> AbstainRule:
-    from dataclasses import replace
-
     return replace(base, mean={}, scale={}, **changes)
 
 
@@ -121,8 +119,11 @@ def _strip(rule: AbstainRule) -> AbstainRule:
     return rule
 
 
-def fit_abstain(model: RouterModel, data: AbstainData, *, config: Any) -> tuple[AbstainRule, dict[str, float]]:
-    """The chosen rule (threshold set) and each candidate's held-out off-topic recall."""
+def fit_abstain(
+    model: RouterModel, data: AbstainData, *, config: Any
+) -> tuple[AbstainRule, dict[str, float], dict[str, AbstainRule]]:
+    """The chosen rule (threshold set), each candidate's held-out off-topic recall, and all
+    candidates (thresholds set; for benchmarks)."""
     cfg = config
     rules = candidate_rules(model, data, cfg)
     recall: dict[str, float] = {}
@@ -145,4 +146,5 @@ def fit_abstain(model: RouterModel, data: AbstainData, *, config: Any) -> tuple[
         best = max(recall, key=lambda k: (round(recall[k], 4), -k.count("+"), -order.index(k)))
     else:
         best = "max_prob" if "max_prob" in rules else next(iter(rules))
-    return _strip(rules[best]), recall
+    chosen = _strip(replace(rules[best], mean=dict(rules[best].mean), scale=dict(rules[best].scale)))
+    return chosen, recall, rules

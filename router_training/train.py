@@ -110,6 +110,8 @@ class FittedRouter:
     ood_x: np.ndarray
     ood_texts: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    candidates: dict[str, Any] = field(default_factory=dict)
+    """Every abstain rule tried (threshold set), by name; the chosen one is ``model.abstain``."""
 
 
 @dataclass
@@ -249,10 +251,12 @@ def fit_router(
         x_fit=x_train, unit=unit, x_bank=_bank(x_train, len(sp.fit_texts), cfg, _n_extra(extra, cfg)),
         x_in_cal=x_in_cal, x_ood_fit=x_ood_fit, x_ood_cal=x_ood_cal,
     )
-    model.abstain, choice = fit_abstain(model, data, config=cfg)
+    model.abstain, choice, candidates = fit_abstain(model, data, config=cfg)
     _describe(model, encoder, cfg, c, cv_scores, unit_label, val, train, sp, choice, data_hash, extra)
     info = {"train_seconds": round(time.perf_counter() - t0, 2), "embed_seconds": round(t_embed, 2)}
-    return FittedRouter(model, x_cal, sp.y_cal, list(sp.cal_texts), x_ood_cal, list(sp.ood_cal), info)
+    fitted = FittedRouter(model, x_cal, sp.y_cal, list(sp.cal_texts), x_ood_cal, list(sp.ood_cal), info)
+    fitted.candidates = candidates
+    return fitted
 
 
 def _bank(x_train: np.ndarray, n: int, cfg: TrainConfig, n_extra: int) -> np.ndarray:

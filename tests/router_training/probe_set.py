@@ -1,6 +1,11 @@
 """Hand-written probe questions, phrased unlike the training data (long, conversational,
 exam-style). Written for this project; not taken from any data set. Used by the tests
-and by ``bench/router.py`` to measure how the shipped router generalizes."""
+and by ``bench/router.py`` to measure how the shipped router generalizes.
+
+``STATEMENTS`` are requests phrased as statements or orders (product user stories and
+requirements, engineering tasks) and ``FRAGMENTS`` are the short, department-naming
+clauses a query planner cuts a compound question into ("and what does engineering need to
+build for it?"). None of these should be rejected for its phrasing. ``ALL`` = all three."""
 
 from __future__ import annotations
 
@@ -67,6 +72,32 @@ PROBE: tuple[tuple[str, str], ...] = (
     ("What non-functional requirements about usability and accessibility should the new citizen "
      "portal include?", "product"),
 )
+
+STATEMENTS: tuple[tuple[str, str], ...] = (
+    ("Write a user story for our checkout page", "product"),
+    ("write the user stories for the paid tier", "product"),
+    ("The mobile app must let customers reset their password without calling support.", "product"),
+    ("Customers should be able to download every invoice as a PDF from their account page.", "product"),
+    ("Draft the acceptance criteria for the saved-searches feature.", "product"),
+    ("We need a requirements document for the new admin console's onboarding wizard.", "product"),
+    ("Prioritize these three feature requests from our enterprise customers for the Q3 roadmap.", "product"),
+    ("Refactor the login handler so it stops blocking the event loop.", "engineering"),
+    ("Add retries to the nightly data export job and make the failing unit tests pass.", "engineering"),
+    ("Prepare the quarterly cash-flow forecast for the board meeting.", "finance"),
+)
+
+FRAGMENTS: tuple[tuple[str, str], ...] = (
+    ("and what does engineering need to build for it?", "engineering"),
+    ("then ask engineering how long the migration to Postgres will take", "engineering"),
+    ("and which API endpoints does the backend team have to change?", "engineering"),
+    ("and what will finance say about the budget?", "finance"),
+    ("and how much revenue could the paid tier bring in next year?", "finance"),
+    ("also, what's the impact on our operating margin?", "finance"),
+    ("and which features should product put on the roadmap first?", "product"),
+    ("then write the requirements for the export feature", "product"),
+)
+
+ALL: tuple[tuple[str, str], ...] = PROBE + STATEMENTS + FRAGMENTS
 
 OFF_TOPIC: tuple[str, ...] = (
     "play some jazz music in the living room",
