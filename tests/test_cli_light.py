@@ -167,3 +167,22 @@ def test_train_checks_out_before_training(tmp_path) -> None:
     (full / "notes.txt").write_text("keep me")
     res = _run("experts", "train", "--name", "legal", "--data", str(data), "--out", str(full), "--quiet")
     assert res.returncode == 1 and "non-empty" in res.stderr and (full / "notes.txt").exists(), res.stderr
+
+
+def test_route_applies_the_configs_min_weight_like_ask(tmp_path) -> None:
+    """The shipped config drops experts under 5 %: `route` must show what `ask` uses (issue: finance 0.0004)."""
+    from orchestrator.cli_config import to_toml
+    from orchestrator.config import load_config
+
+    q = "How do I reverse a list in Python?"
+    assert load_config().router.min_weight == 0.05
+    res = _run("route", "--json", q)
+    assert res.returncode == 0, res.stderr
+    assert [e["name"] for e in json.loads(res.stdout)["experts"]] == ["engineering"]
+    d = load_config().to_dict()
+    d["router"]["min_weight"] = 0.0
+    cfg = tmp_path / "keep-all.toml"
+    cfg.write_text(to_toml(d), encoding="utf-8")
+    res = _run("route", "--json", "--config", str(cfg), q)
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["experts"]) == 2  # k = 2, nothing dropped
