@@ -1,23 +1,37 @@
-"""Mixed-adapter batching: wall time of one batch of k expert generations vs the same k one after another.
+"""Local backend at the memory roofline: decode step vs k rows, mixed adapters, GEMM path, int8 weights.
 
-    python bench/backend.py [--quick] [--out FILE.json]
+    python bench/backend.py [--quick] [--smoke] [--no-int8] [--out FILE.json]
 
-One LocalBackend holds the base model and the finance, engineering and product adapters.
-For k = 1, 2, 3 the first k experts each answer the same prompt (as in ``ask``: every
-routed expert gets the question), either as **one mixed-adapter batch**
-(``LocalBackend.generate`` with k requests, peft ``adapter_names=``) or **sequentially**
-(k calls of one request each). Greedy decoding, ``max_new_tokens`` fixed (32; 64 without
-``--quick``) and EOS suppressed (transformers ``min_new_tokens``), so every row decodes exactly
-that many tokens and both sides do the same work. All six variants are timed in the same run,
-interleaved (round order alternates: forward, then reversed), after one warm-up round; the
-table shows medians and the median of per-round ratios.
+One LocalBackend (shipped finance/engineering/product adapters, else random stand-ins) with
+its default fast paths (docs/performance.md): the probed small-batch GEMM path, batched LoRA
+for mixed adapters, merged weights for single-expert batches. Every generation is greedy
+with EOS suppressed (``min_new_tokens``); a timing wrapper on the causal LM's ``forward``
+records each call, so **prefill** (first call) and the **decode step** (median of the rest,
+KV cache on) are measured separately. Within a section every variant runs in the same
+process, interleaved (order alternates each round), after one warm-up; medians, and ratios
+are medians of per-round ratios. The machine is shared and noisy: compare ratios.
+
+1. decode step for k = 1..4 rows, each row a different expert (k=4 adds ``__base__``), and
+   k base rows; chosen paths vs peft + torch's default GEMM. ``decode_step_ratio`` = chosen, experts.
+2. mixed adapters: 3 rows on 3 adapters vs the same 3 rows on one adapter (chosen paths; and
+   both on the batched-LoRA kernel, merged weights off; and peft's loop).
+3. roofline: bytes of weights read per step / a large-copy bandwidth probe, vs the measured
+   single-expert step (``roofline_fraction``).
+4. int8 weight-only base (``[base] quantize = "int8"``, LoRA in float32 on top): single-expert
+   tokens/s vs float32, and per-token NLL of each domain's val responses for the base and every
+   expert (``int8_nll_delta`` = the largest relative change). Off with ``--smoke``/``--no-int8``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -29,87 +43,320 @@ PROMPT = (
 )
 
 
+class StepTimer:
+    """Times every ``forward`` of the causal LM under a backend (prefill = first call)."""
+
+    def __init__(self, model: Any) -> None:
+        self.calls: list[float] = []
+        orig = model.forward
+
+        def forward(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            out = orig(*a, **kw)
+            self.calls.append(time.perf_counter() - t)
+            return out
+
+        model.forward = forward
+
+    def split(self) -> tuple[float, float]:
+        calls, self.calls = self.calls, []
+        return calls[0], statistics.median(calls[1:]) if len(calls) > 1 else calls[0]
+
+
+@contextlib.contextmanager
+def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = True) -> Iterator[None]:
+    """Switch the fast paths for one measurement: lora "fast"/"peft", merged weights, GEMM path."""
+    import torch.nn as nn
+
+    fl = local.fast_lora
+    keep = (fl.enabled, fl.merged_experts) if fl else None
+    patched = [] if gemm else [m for m in local.base.model.modules() if type(m) is nn.Linear and "forward" in vars(m)]
+    saved = [m.forward for m in patched]
+    for m in patched:
+        del m.forward
+    if fl:
+        fl.enabled = lora == "fast"
+        fl.merged_experts = fl.merged_experts if merged else 0
+    try:
+        yield
+    finally:
+        for m, f in zip(patched, saved):
+            m.forward = f
+        if fl and keep:
+            fl.enabled, fl.merged_experts = keep
+
+
+def bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
+    """Memory bandwidth from a large copy (read + write), GB/s, median."""
+    import torch
+
+    n = mb * 1024 * 1024 // 4
+    a, b = torch.ones(n), torch.empty(n)
+    b.copy_(a)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        b.copy_(a)
+        ts.append(time.perf_counter() - t)
+    return 2 * n * 4 / statistics.median(ts) / 1e9
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of weights a decode step reads: every linear (lm_head included), counted once."""
+    import torch.nn as nn
+
+    seen, total = set(), 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            total += m.weight.numel() * m.weight.element_size()
+            s = getattr(m, "scales", None)
+            total += s.numel() * s.element_size() if s is not None else 0
+    return total
+
+
+def load_val(n: int) -> dict[str, list[tuple[str, str]]]:
+    out = {}
+    for d in C.DOMAINS:
+        rows = [json.loads(x) for x in (C.data_root() / "experts" / d / "val.jsonl").read_text().splitlines() if x.strip()]
+        step = max(1, len(rows) // n)
+        out[d] = [(r["instruction"], r["response"]) for r in rows[::step][:n]]
+    return out
+
+
+def nll_table(local: Any, val: dict[str, list[tuple[str, str]]], experts: list[str]) -> dict[str, dict[str, float]]:
+    """Per-token NLL of each domain's val responses under each expert (and the base)."""
+    res: dict[str, dict[str, float]] = {}
+    for e in experts:
+        res[e] = {}
+        for d, rows in val.items():
+            s = n = 0.0
+            for q, a in rows:
+                x, k = local.score_nll(e, [{"role": "user", "content": q}], a)
+                s, n = s + x, n + k
+            res[e][d] = s / max(n, 1)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = C.parser(__doc__)
-    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 5 with --quick, else 11)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per row (default 32 --quick, else 64)")
+    if not any("--smoke" in a.option_strings for a in ap._actions):
+        ap.add_argument("--smoke", action="store_true", help="seconds: k = 1, 2, 1 round, 4 tokens, no int8")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 section")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 3 --quick, else 7)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per row (default 16 --quick, else 32)")
     args = ap.parse_args(argv)
-    reps = args.reps or (5 if args.quick else 11)
-    n_tok = args.max_new_tokens or (32 if args.quick else 64)
+    reps = 1 if args.smoke else args.reps or (3 if args.quick else 7)
+    n_tok = 4 if args.smoke else args.max_new_tokens or (16 if args.quick else 32)
+    warm = 0 if args.smoke else 1
+    ks = (1, 2) if args.smoke else (1, 2, 3, 4)
     t_start = time.perf_counter()
 
     from experts.backends.base import GenerationConfig
     from experts.backends.local import LocalBackend
-    from experts.models import load_base
+    from experts.models import FastOptions, load_base
     from experts.registry import ExpertSpec
 
     adapters, kind = C.resolve_adapters(args.adapters)
-    local = LocalBackend(load_base(), [ExpertSpec(name=d, adapter=adapters / d) for d in C.DOMAINS])
+    specs = [ExpertSpec(name=d, adapter=adapters / d) for d in C.DOMAINS]
+    local = LocalBackend(load_base(), specs)
     C.set_threads(args.threads)
     info = C.machine_info()
     C.force_length(local)
+    timer = StepTimer(local.base.model)
     cfg = GenerationConfig(max_new_tokens=n_tok)
-    messages = [{"role": "user", "content": PROMPT}]
-    experts = list(C.DOMAINS)
+    msgs = [{"role": "user", "content": PROMPT}]
+    experts_k = {k: ([*C.DOMAINS, "__base__"])[:k] for k in ks}
 
-    def batched(k: int):
-        return lambda: local.generate([(e, messages) for e in experts[:k]], cfg)
+    def measure(rows: list[str], **sw: Any):
+        def f() -> tuple[float, float]:
+            with paths(local, **sw):
+                local.generate([(r, msgs) for r in rows], cfg)
+            return timer.split()
+        return f
 
-    def sequential(k: int):
-        return lambda: [local.generate([(e, messages)], cfg)[0] for e in experts[:k]]
-
+    # -- 1. decode step vs k ---------------------------------------------------------------------------
     fns = {}
-    for k in (1, 2, 3):
-        fns[f"batched_k{k}"] = batched(k)
-        fns[f"sequential_k{k}"] = sequential(k)
-    C.log(f"timing {len(fns)} variants x {reps} rounds (+1 warm-up), {n_tok} tokens per row ...")
-    times, last = C.interleaved(fns, reps=reps, warmup=1)
-    tokens = {name: [g.tokens for g in out] for name, out in last.items()}
+    for k in ks:
+        fns[f"experts_k{k}"] = measure(experts_k[k])
+        fns[f"experts_k{k}_peft_default"] = measure(experts_k[k], lora="peft", gemm=False)
+        fns[f"base_k{k}"] = measure(["__base__"] * k)
+        fns[f"base_k{k}_default"] = measure(["__base__"] * k, gemm=False)
+    C.log(f"[1/4] decode step: {len(fns)} variants x {reps} rounds, {n_tok} tokens ...")
+    _, res = _interleaved_results(fns, reps, warm)
+    step = {n: C.med([s for _, s in v]) for n, v in res.items()}
+    prefill = {n: C.med([p for p, _ in v]) for n, v in res.items()}
 
-    rows, per_k = [], {}
-    b1 = times["batched_k1"]
-    for k in (1, 2, 3):
-        b, s = times[f"batched_k{k}"], times[f"sequential_k{k}"]
-        per_k[str(k)] = {
-            "experts": experts[:k],
-            "batched_s": C.med(b),
-            "sequential_s": C.med(s),
-            "speedup_sequential_over_batched": C.paired_ratio(s, b),
-            "batched_over_batched_k1": C.paired_ratio(b, b1),
-            "tokens_per_row": tokens[f"batched_k{k}"],
-            "batched_tokens_per_s": k * n_tok / C.med(b),
-            "sequential_tokens_per_s": k * n_tok / C.med(s),
-            "batched_times_s": [round(x, 4) for x in b],
-            "sequential_times_s": [round(x, 4) for x in s],
-        }
-        p = per_k[str(k)]
-        rows.append([
-            k, "+".join(experts[:k]), f"{p['batched_s']:.2f}", f"{p['sequential_s']:.2f}",
-            f"{p['speedup_sequential_over_batched']:.2f}x", f"{p['batched_over_batched_k1']:.2f}x",
-            f"{p['batched_tokens_per_s']:.0f} / {p['sequential_tokens_per_s']:.0f}",
-        ])
+    def ratio(name: str, k: int) -> float:
+        return C.paired_ratio([s for _, s in res[f"{name.format(k=k)}"]], [s for _, s in res[name.format(k=1)]])
 
-    print(f"Mixed-adapter batch vs sequential: same prompt, {n_tok} new tokens per expert (EOS suppressed), "
-          f"greedy; median of {reps} interleaved rounds after 1 warm-up; adapters: {kind}")
-    print(C.table(
-        ["k", "experts", "batched (s)", "sequential (s)", "speed-up", "batched vs k=1", "tokens/s batched / seq"],
-        rows,
-    ))
-    print(C.machine_line(info))
+    per_path = {p: {str(k): ratio(p, k) for k in ks} for p in
+                ("experts_k{k}", "experts_k{k}_peft_default", "base_k{k}", "base_k{k}_default")}
+    decode_ratio = {str(k): per_path["experts_k{k}"][str(k)] for k in ks if k > 1}
 
+    # -- 2. mixed vs single adapter -----------------------------------------------------------------------
+    rows_mixed, rows_one = list(C.DOMAINS), [C.DOMAINS[0]] * 3
+    fns = {
+        "mixed": measure(rows_mixed), "single": measure(rows_one),
+        "mixed_lora": measure(rows_mixed, merged=False), "single_lora": measure(rows_one, merged=False),
+        "mixed_peft": measure(rows_mixed, lora="peft"), "single_peft": measure(rows_one, lora="peft"),
+    }
+    C.log(f"[2/4] mixed vs single adapter: {len(fns)} variants x {reps} rounds ...")
+    _, mres = _interleaved_results(fns, reps, warm)
+
+    def mratio(a: str, b: str) -> float:
+        return C.paired_ratio([s for _, s in mres[a]], [s for _, s in mres[b]])
+
+    mixed = {
+        "chosen": mratio("mixed", "single"), "batched_lora_kernel": mratio("mixed_lora", "single_lora"),
+        "peft": mratio("mixed_peft", "single_peft"), "mixed_fast_over_peft": mratio("mixed", "mixed_peft"),
+        "step_ms": {n: round(1e3 * C.med([s for _, s in v]), 2) for n, v in mres.items()},
+    }
+
+    # -- 3. roofline ------------------------------------------------------------------------------------------
+    C.log("[3/4] bandwidth probe ...")
+    bw = bandwidth_gbs(64 if args.smoke else 256)
+    nbytes = weight_bytes(local.base.model)
+    roof_s = nbytes / (bw * 1e9)
+    one = step["experts_k1"]
+    roofline = {"bandwidth_gbs": bw, "weight_bytes": nbytes, "roofline_step_ms": roof_s * 1e3,
+                "single_expert_step_ms": one * 1e3, "fraction": roof_s / one,
+                "base_step_ms": step["base_k1"] * 1e3, "base_fraction": roof_s / step["base_k1"]}
+
+    # -- 4. int8 --------------------------------------------------------------------------------------------
+    int8: dict[str, Any] | None = None
+    if not (args.smoke or args.no_int8):
+        int8 = _int8_section(local, specs, msgs, cfg, reps, warm, bw, n_val=3 if args.quick else 8)
+
+    _print(n_tok, reps, warm, kind, ks, step, prefill, per_path, mixed, roofline, int8, local, info)
     result = {
-        "per_k": per_k,
-        "settings": {
-            "quick": args.quick, "reps": reps, "warmup_rounds": 1, "max_new_tokens": n_tok,
-            "eos": "suppressed (min_new_tokens = max_new_tokens)", "decoding": "greedy",
-            "prompt": PROMPT, "order": "interleaved, alternating forward/reverse each round",
-        },
-        "adapters": C.adapter_info(adapters, kind),
+        "decode_step_ratio": decode_ratio,
+        "mixed_over_single_adapter": mixed["chosen"],
+        "roofline_fraction": roofline["fraction"],
+        "int8_over_fp32_tps": int8["int8_over_fp32_tps"] if int8 else None,
+        "int8_nll_delta": int8["nll_delta_max"] if int8 else None,
+        "decode_step_ratio_per_path": per_path,
+        "decode_step_ms": {n: round(v * 1e3, 2) for n, v in step.items()},
+        "prefill_ms": {n: round(v * 1e3, 2) for n, v in prefill.items()},
+        "mixed": mixed, "roofline": roofline, "int8": int8,
+        "llama_cpp": None,  # optional extra, not built (llama-cpp-python is not installed here)
+        "paths": _paths(local),
+        "settings": {"quick": args.quick, "smoke": args.smoke, "reps": reps, "warmup_rounds": warm,
+                     "max_new_tokens": n_tok, "eos": "suppressed", "decoding": "greedy", "prompt": PROMPT,
+                     "order": "interleaved, alternating forward/reverse each round"},
+        "adapters": _relative(C.adapter_info(adapters, kind)),
         "machine": info,
         "time_s": round(time.perf_counter() - t_start, 1),
     }
     C.write_json(args.out, result)
     return 0
+
+
+def _interleaved_results(fns: dict[str, Any], reps: int, warm: int) -> tuple[Any, dict[str, list[Any]]]:
+    names = list(fns)
+    for _ in range(warm):
+        for n in names:
+            fns[n]()
+    res: dict[str, list[Any]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in names if r % 2 == 0 else names[::-1]:
+            res[n].append(fns[n]())
+    return None, res
+
+
+def _int8_section(local: Any, specs: list[Any], msgs: Any, cfg: Any, reps: int, warm: int, bw: float,
+                  *, n_val: int) -> dict[str, Any]:
+    from experts.backends.local import LocalBackend
+    from experts.models import FastOptions, load_base
+
+    C.log("[4/4] int8 base: load, tokens/s vs float32, NLL on val samples ...")
+    q = LocalBackend(load_base(options=FastOptions(quantize="int8")), specs)
+    C.force_length(q)
+    qtimer = StepTimer(q.base.model)
+    expert = C.DOMAINS[0]
+    ts: dict[str, list[float]] = {"fp32": [], "int8": []}
+    runs = {"fp32": local, "int8": q}
+    for r in range(warm + reps):
+        for name in ("fp32", "int8") if r % 2 == 0 else ("int8", "fp32"):
+            g = runs[name].generate([(expert, msgs)], cfg)[0]
+            if r >= warm:
+                ts[name].append(g.tokens / g.latency_s)
+    qtimer.split() if qtimer.calls else None
+    val = load_val(n_val)
+    names = ["__base__", *C.DOMAINS]
+    nll32, nll8 = nll_table(local, val, names), nll_table(q, val, names)
+    delta = {e: {d: (nll8[e][d] - nll32[e][d]) / nll32[e][d] for d in val} for e in names}
+    worst = max(abs(v) for row in delta.values() for v in row.values())
+    nbytes = weight_bytes(q.base.model)
+    return {
+        "tokens_per_s": {k: C.med(v) for k, v in ts.items()},
+        "int8_over_fp32_tps": C.paired_ratio(ts["int8"], ts["fp32"]),
+        "weight_bytes": nbytes, "roofline_step_ms": nbytes / (bw * 1e9) * 1e3,
+        "nll_fp32": nll32, "nll_int8": nll8, "nll_rel_delta": delta, "nll_delta_max": worst,
+        "nll_gate_1pct": worst <= 0.01, "val_rows_per_domain": n_val,
+    }
+
+
+def _print(n_tok: int, reps: int, warm: int, kind: str, ks: Any, step: dict, prefill: dict, per_path: dict,
+           mixed: dict, roof: dict, int8: dict | None, local: Any, info: dict) -> None:
+    print(f"Local backend, {n_tok} new tokens per row (EOS suppressed), greedy; median of {reps} interleaved rounds "
+          f"after {warm} warm-up; noisy shared machine: compare ratios; adapters: {kind}; paths: {_paths(local)}")
+    print()
+    print("Decode step (KV cache) and prefill vs k rows; chosen paths vs peft + torch default GEMM:")
+    rows = []
+    for k in ks:
+        rows.append([k, "+".join(([*C.DOMAINS, "__base__"])[:k]),
+                     f"{step[f'experts_k{k}'] * 1e3:.1f} ({per_path['experts_k{k}'][str(k)]:.2f}x)",
+                     f"{step[f'experts_k{k}_peft_default'] * 1e3:.1f} ({per_path['experts_k{k}_peft_default'][str(k)]:.2f}x)",
+                     f"{step[f'base_k{k}'] * 1e3:.1f} ({per_path['base_k{k}'][str(k)]:.2f}x)",
+                     f"{step[f'base_k{k}_default'] * 1e3:.1f} ({per_path['base_k{k}_default'][str(k)]:.2f}x)",
+                     f"{prefill[f'experts_k{k}'] * 1e3:.0f} / {prefill[f'experts_k{k}_peft_default'] * 1e3:.0f}"])
+    print(C.table(["k", "experts", "step ms (vs k=1), chosen", "peft + default GEMM", "base rows, chosen",
+                   "base rows, default GEMM", "prefill ms chosen / peft+default"], rows))
+    print()
+    print(C.table(["3 rows: mixed adapters / one adapter", "ratio"], [
+        ["chosen paths (one adapter runs on merged weights)", f"{mixed['chosen']:.2f}x"],
+        ["both on the batched-LoRA kernel (merged off)", f"{mixed['batched_lora_kernel']:.2f}x"],
+        ["peft adapter_names loop", f"{mixed['peft']:.2f}x"],
+        ["mixed: batched LoRA / peft", f"{mixed['mixed_fast_over_peft']:.2f}x"],
+    ]))
+    print()
+    print(C.table(["roofline", "value"], [
+        ["copy bandwidth (GB/s)", f"{roof['bandwidth_gbs']:.1f}"],
+        ["weights read per step (MB)", f"{roof['weight_bytes'] / 1e6:.0f}"],
+        ["roofline step (ms)", f"{roof['roofline_step_ms']:.1f}"],
+        ["single expert step (ms) / fraction", f"{roof['single_expert_step_ms']:.1f} / {roof['fraction']:.2f}"],
+        ["base step (ms) / fraction", f"{roof['base_step_ms']:.1f} / {roof['base_fraction']:.2f}"],
+    ]))
+    if int8:
+        print()
+        print(C.table(["int8 weight-only base (LoRA float32)", "value"], [
+            ["tokens/s int8 / fp32", f"{int8['tokens_per_s']['int8']:.1f} / {int8['tokens_per_s']['fp32']:.1f} "
+                                      f"({int8['int8_over_fp32_tps']:.2f}x)"],
+            ["worst relative per-token NLL change (base + experts x domains)",
+             f"{int8['nll_delta_max'] * 100:.2f}% (gate 1%: {'pass' if int8['nll_gate_1pct'] else 'FAIL'})"],
+        ]))
+    print(C.machine_line(info))
+
+
+def _relative(info: dict) -> dict:
+    """No absolute machine paths in results JSON."""
+    p = Path(info.get("path", ""))
+    if p.is_absolute():
+        try:
+            info["path"] = str(p.relative_to(C.REPO))
+        except ValueError:
+            info["path"] = p.name
+    return info
+
+
+def _paths(local: Any) -> dict[str, Any]:
+    plan = getattr(local.base, "gemm", None)
+    fl = getattr(local, "fast_lora", None)
+    opts = getattr(local.base, "options", None)
+    return {"gemm": plan.path if plan else None, "gemm_max_rows": plan.max_rows if plan else None,
+            "gemm_source": plan.source if plan else None, "fast_lora": fl is not None,
+            "merged_experts": fl.merged_experts if fl else 0, "quantize": opts.quantize if opts else "none"}
 
 
 if __name__ == "__main__":
