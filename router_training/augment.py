@@ -134,12 +134,13 @@ def question_forms(text: str, *, copies: int = 1, seed: int = 0) -> list[str]:
 
 
 def frame(texts: Sequence[str], copies: int, *, seed: int = 0) -> list[str]:
-    """``copies`` conversationally framed variants per text, deterministic for a seed."""
-    rng = random.Random(seed)
+    """``copies`` conversationally framed variants per text (all first copies, then all second
+    copies, ...). Each text's frames depend only on the seed and the text itself, so a text gets
+    the same variants whatever else is in the batch (embeddings of variants are cached per text)."""
     out = []
-    for _ in range(copies):
+    for copy in range(copies):
         for t in texts:
-            f = rng.choice(FRAMES)
+            f = random.Random(f"{seed}:{copy}:{t}").choice(FRAMES)
             body = t[0].lower() + t[1:] if f.startswith(("Hey", "Hi")) and t[:2].istitle() else t
             out.append(f.format(t=body))
     return out

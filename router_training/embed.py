@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from expertmix.errors import RouterError
-from expertmix.io import atomic_write_bytes, expertmix_home
+from expertmix.io import expertmix_home
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -73,7 +73,7 @@ class EmbedConfig:
     normalize: bool = True
     """L2-normalize embeddings (cosine geometry)."""
     cache: bool = True
-    """Cache embeddings of whole batches on disk under ``expertmix_home()/embeddings``."""
+    """Cache embeddings per text on disk (SQLite under ``expertmix_home()/embeddings``)."""
 
 
 def _embedding_dim(model: Any) -> int:
@@ -135,27 +135,28 @@ class Encoder:
 
     # -- encoding --------------------------------------------------------------------
     def encode(self, texts: Sequence[str], *, progress: bool = False, cache: bool | None = None) -> np.ndarray:
-        """Embed ``texts`` as a float32 array (n, dim); cached on disk for large batches."""
+        """Embed ``texts`` as a float32 array (n, dim).
+
+        With the cache on, every text is looked up in a per-model SQLite table under
+        ``expertmix_home()/embeddings`` and only the missing ones are encoded, so retraining
+        on changed data, LOSO folds and benchmarks reuse what was embedded before.
+        """
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         use_cache = self.config.cache if cache is None else cache
-        cache_file = self._cache_file(texts) if use_cache and len(texts) > 16 else None
-        if cache_file is not None and cache_file.is_file():
-            try:
-                arr = np.load(cache_file, allow_pickle=False)
-                if arr.shape[0] == len(texts):
-                    return arr.astype(np.float32, copy=False)
-            except (OSError, ValueError):
-                pass  # a broken cache entry is recomputed
-        arr = self._encode_batches(texts, progress=progress)
-        if cache_file is not None:
-            import io
-
-            buf = io.BytesIO()
-            np.save(buf, arr, allow_pickle=False)
-            atomic_write_bytes(cache_file, buf.getvalue())
-        return arr
+        if not use_cache or len(texts) <= 16:
+            return self._encode_batches(texts, progress=progress)
+        store = _TextCache(self._cache_dir() / "texts.sqlite")
+        keys = [self._text_key(t) for t in texts]
+        found = store.get(keys)
+        missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True) if k not in found))
+        if missing:
+            vecs = self._encode_batches(missing, progress=progress)
+            new = {self._text_key(t): v for t, v in zip(missing, vecs, strict=True)}
+            store.put(new)
+            found.update(new)
+        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
 
     def encode_one(self, text: str) -> np.ndarray:
         """Fast path for a single query: no batching machinery, no cache, no progress bar."""
@@ -193,16 +194,66 @@ class Encoder:
                 emb = torch.nn.functional.normalize(emb, p=2, dim=1)
         return emb.float().numpy()
 
-    def _cache_file(self, texts: list[str]) -> Path:
-        h = hashlib.sha256()
+    def _cache_dir(self) -> Path:
         key = {
             "model": self.name,
             "fp": self.fingerprint(),
             "max_seq_length": self.config.max_seq_length,
             "normalize": self.config.normalize,
         }
-        h.update(json.dumps(key, sort_keys=True).encode())
-        for t in texts:
-            h.update(t.encode("utf-8") + b"\0")
-        model_key = hashlib.sha256(f"{self.name}:{key['fp']}".encode()).hexdigest()[:12]
-        return expertmix_home() / "embeddings" / model_key / f"{h.hexdigest()[:32]}.npy"
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return expertmix_home() / "embeddings" / digest
+
+    @staticmethod
+    def _text_key(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+class _TextCache:
+    """text-hash → float32 vector in one SQLite file (safe with concurrent readers/writers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _connect(self) -> Any:
+        import sqlite3
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.path, timeout=30)
+        con.execute("CREATE TABLE IF NOT EXISTS vec (k TEXT PRIMARY KEY, v BLOB NOT NULL)")
+        return con
+
+    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        import sqlite3
+
+        out: dict[str, np.ndarray] = {}
+        try:
+            con = self._connect()
+        except sqlite3.Error:
+            return out  # an unreadable cache is recomputed
+        try:
+            uniq = list(dict.fromkeys(keys))
+            for start in range(0, len(uniq), 500):
+                chunk = uniq[start : start + 500]
+                q = f"SELECT k, v FROM vec WHERE k IN ({','.join('?' * len(chunk))})"
+                for k, v in con.execute(q, chunk):
+                    out[k] = np.frombuffer(v, dtype=np.float32)
+        except sqlite3.Error:
+            return {}
+        finally:
+            con.close()
+        return out
+
+    def put(self, items: dict[str, np.ndarray]) -> None:
+        import sqlite3
+
+        try:
+            con = self._connect()
+            with con:
+                con.executemany(
+                    "INSERT OR REPLACE INTO vec (k, v) VALUES (?, ?)",
+                    [(k, np.ascontiguousarray(v, dtype=np.float32).tobytes()) for k, v in items.items()],
+                )
+            con.close()
+        except sqlite3.Error:
+            pass  # the cache is an optimization; a locked or read-only home must not fail training

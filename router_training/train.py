@@ -196,9 +196,9 @@ def _held_out_in_domain(sp: _Split, cfg: TrainConfig) -> list[str]:
     """Held-out in-domain texts for thresholds: originals, framed and rewritten copies."""
     texts = list(sp.cal_texts)
     if cfg.augment:
-        texts += augment(sp.cal_texts, 1, seed=cfg.seed + 1)
+        texts += augment(sp.cal_texts, 1, seed=cfg.seed)
     if cfg.question_forms:
-        texts += _rewrites(sp.cal_texts, 1, cfg.seed + 1)[0]
+        texts += _rewrites(sp.cal_texts, 1, cfg.seed)[0]
     return texts
 
 
@@ -223,7 +223,7 @@ def fit_router(
     sp = _split(train, val, ood, ood_val, labels, cfg)
     texts, y_train, groups = _training_rows(sp, extra, labels, cfg)
     in_cal = _held_out_in_domain(sp, cfg)
-    ood_fit_texts = list(sp.ood_fit) + augment(sp.ood_fit, cfg.augment, seed=cfg.seed + 2)
+    ood_fit_texts = list(sp.ood_fit) + augment(sp.ood_fit, cfg.augment, seed=cfg.seed)
     enc = lambda t: encoder.encode(t, progress=progress)  # noqa: E731
     x_train, x_cal, x_in_cal = enc(texts), enc(sp.cal_texts), enc(in_cal)
     x_ood_fit, x_ood_cal = enc(ood_fit_texts), enc(sp.ood_cal)
