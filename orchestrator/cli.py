@@ -38,26 +38,67 @@ app.add_typer(experts_app, name="experts")
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """Mixture of LoRA experts: route a question to the top-k domain experts and merge their answers."""
 
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")]
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-ServerOpt = Annotated[Optional[str], typer.Option(
-    "--server", envvar="EXPERTMIX_SERVER", show_envvar=True,
-    help="Use this running `expertmix serve` (URL) (default: the one `serve` announced for this config, if it is up).")]
+ServerOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--server",
+        envvar="EXPERTMIX_SERVER",
+        show_envvar=True,
+        help="Use this running `expertmix serve` (URL) "
+        "(default: the one `serve` announced for this config, if it is up).",
+    ),
+]
 LocalOpt = Annotated[bool, typer.Option("--local", help="Never use a running server; load the models here.")]
 _O, _R = OrchestratorSettings, RouterSettings
-KOpt = Annotated[Optional[int], typer.Option("--k", "-k", min=1, help=f"Experts to combine (default: the config's router.k; {_R.k} if unset).")]
-MinWeightOpt = Annotated[Optional[float], typer.Option(
-    "--min-weight", min=0.0, max=0.999, help=f"Drop experts below this weight (default: the config's router.min_weight; {_R.min_weight} if unset).")]
-TokensOpt = Annotated[Optional[int], typer.Option(
-    "--max-new-tokens", min=1, envvar="EXPERTMIX_MAX_NEW_TOKENS", show_envvar=True, help=f"Tokens to generate at most (default: the config's orchestrator.max_new_tokens; {_O.max_new_tokens} if unset).")]
-TempOpt = Annotated[Optional[float], typer.Option(
-    "--temperature", min=0.0, help=f"0 = greedy (default: the config's orchestrator.temperature; {_O.temperature} if unset).")]
+KOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--k", "-k", min=1, help=f"Experts to combine (default: the config's router.k; {_R.k} if unset)."
+    ),
+]
+MinWeightOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--min-weight",
+        min=0.0,
+        max=0.999,
+        help=f"Drop experts below this weight "
+        f"(default: the config's router.min_weight; {_R.min_weight} if unset).",
+    ),
+]
+TokensOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-new-tokens",
+        min=1,
+        envvar="EXPERTMIX_MAX_NEW_TOKENS",
+        show_envvar=True,
+        help=f"Tokens to generate at most "
+        f"(default: the config's orchestrator.max_new_tokens; {_O.max_new_tokens} if unset).",
+    ),
+]
+TempOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--temperature",
+        min=0.0,
+        help=f"0 = greedy (default: the config's orchestrator.temperature; {_O.temperature} if unset).",
+    ),
+]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="Sampling seed.")]
 
 
@@ -85,7 +126,9 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 @handle_errors
 def generate(
     question: Annotated[str, typer.Argument(help="The question.")],
-    expert: Annotated[str, typer.Option("--expert", "-e", help="Expert name, or __base__ for the base model.")],
+    expert: Annotated[
+        str, typer.Option("--expert", "-e", help="Expert name, or __base__ for the base model.")
+    ],
     max_new_tokens: TokensOpt = None,
     temperature: TempOpt = None,
     seed: SeedOpt = None,
@@ -101,19 +144,39 @@ def generate(
     check_text(question)
     srv = find_server(server=server, config=config, local=local)  # the server validated its config
     if srv is not None:
-        body = srv.chat(_drop_none({"model": expert, "messages": [{"role": "user", "content": question}],
-                                    "max_tokens": max_new_tokens, "temperature": temperature, "seed": seed}))
+        body = srv.chat(
+            _drop_none(
+                {
+                    "model": expert,
+                    "messages": [{"role": "user", "content": question}],
+                    "max_tokens": max_new_tokens,
+                    "temperature": temperature,
+                    "seed": seed,
+                }
+            )
+        )
         text = (body["choices"][0].get("message") or {}).get("content") or ""
-        row = {"expert": expert, "text": text, "tokens": int((body.get("usage") or {}).get("completion_tokens", 0)),
-               "latency_s": float((body.get("expertmix") or {}).get("latency_s", 0.0)),
-               "finish_reason": body["choices"][0].get("finish_reason")}
+        row = {
+            "expert": expert,
+            "text": text,
+            "tokens": int((body.get("usage") or {}).get("completion_tokens", 0)),
+            "latency_s": float((body.get("expertmix") or {}).get("latency_s", 0.0)),
+            "finish_reason": body["choices"][0].get("finish_reason"),
+        }
     else:
         cfg = load_config(config)
         cfg.registry.check([expert])
         with load_orchestrator(cfg) as om:
-            g = om.generate(expert, question, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        row = {"expert": g.expert, "text": g.text, "tokens": g.tokens, "latency_s": round(g.latency_s, 4),
-               "finish_reason": g.finish_reason}
+            g = om.generate(
+                expert, question, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+            )
+        row = {
+            "expert": g.expert,
+            "text": g.text,
+            "tokens": g.tokens,
+            "latency_s": round(g.latency_s, 4),
+            "finish_reason": g.finish_reason,
+        }
     if as_json:
         echo_json(row)
     else:
@@ -126,8 +189,13 @@ def generate(
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     k: KOpt = None,
-    strategy: Annotated[Optional[str], typer.Option(
-        help=f"Merge strategy, e.g. synthesis | mixture | adapter_merge | top1 (default: the config's orchestrator.strategy; {_O.strategy} if unset).")] = None,
+    strategy: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Merge strategy, e.g. synthesis | mixture | adapter_merge | top1 | decompose | auto "
+            f"(default: the config's orchestrator.strategy; {_O.strategy} if unset)."
+        ),
+    ] = None,
     min_weight: MinWeightOpt = None,
     max_new_tokens: TokensOpt = None,
     temperature: TempOpt = None,
@@ -136,22 +204,37 @@ def ask(
     server: ServerOpt = None,
     local: LocalOpt = False,
     as_json: JsonOpt = False,
-    stream: Annotated[bool, typer.Option(
-        "--stream", help="Print the answer as it is generated (with --json: one JSON object per line).")] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream", help="Print the answer as it is generated (with --json: one JSON object per line)."
+        ),
+    ] = False,
 ) -> None:
     """Route the question to the top-k experts, run them, and print one merged answer."""
     from orchestrator.client import answer_dict, find_server
-    from orchestrator.config import load_config, known_strategies
+    from orchestrator.config import known_strategies, load_config
 
     check_text(question)
-    opts = _drop_none(dict(k=k, strategy=strategy, min_weight=min_weight, max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=seed))
+    opts = _drop_none(
+        dict(
+            k=k,
+            strategy=strategy,
+            min_weight=min_weight,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+    )
     emit = _emitter(as_json=as_json, stream=stream)
     srv = find_server(server=server, config=config, local=local)
     d: dict[str, Any]
     if srv is not None:
-        body = {"model": "expertmix", "messages": [{"role": "user", "content": question}],
-                **{("max_tokens" if key == "max_new_tokens" else key): v for key, v in opts.items()}}
+        body = {
+            "model": "expertmix",
+            "messages": [{"role": "user", "content": question}],
+            **{("max_tokens" if key == "max_new_tokens" else key): v for key, v in opts.items()},
+        }
         if stream:
             last: dict[str, Any] = {}
             text = []
@@ -174,7 +257,9 @@ def ask(
         if strategy is not None and strategy not in known_strategies():
             from expertmix.errors import StrategyError
 
-            raise StrategyError(f"unknown merge strategy {strategy!r}; choose one of {', '.join(known_strategies())}")
+            raise StrategyError(
+                f"unknown merge strategy {strategy!r}; choose one of {', '.join(known_strategies())}"
+            )
         with load_orchestrator(cfg) as om:
             if stream:
                 answer = None
@@ -223,7 +308,9 @@ def route(
     question: Annotated[str, typer.Argument(help="The query to route.")],
     k: KOpt = None,
     min_weight: MinWeightOpt = None,
-    router: Annotated[Optional[Path], typer.Option(help="Router artifact or store (default: the config's).")] = None,
+    router: Annotated[
+        Optional[Path], typer.Option(help="Router artifact or store (default: the config's).")
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -242,7 +329,9 @@ def route(
     if router is None:
         check_labels(r, [e.name for e in cfg.experts])
     kk = cfg.router.k if k is None else k
-    res = r.route(text, k=min(kk, len(r.labels)), min_weight=cfg.router.min_weight if min_weight is None else min_weight)
+    res = r.route(
+        text, k=min(kk, len(r.labels)), min_weight=cfg.router.min_weight if min_weight is None else min_weight
+    )
     if as_json:
         echo_json({"query": question, **res.to_dict()})
         return
@@ -257,7 +346,9 @@ def route(
 @app.command()
 @handle_errors
 def stats(
-    logfile: Annotated[Path, typer.Argument(help="Answer log (JSON lines) written by orchestrator.log_file.")],
+    logfile: Annotated[
+        Path, typer.Argument(help="Answer log (JSON lines) written by orchestrator.log_file.")
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Per-expert utilization from an answer log: share of queries, mean weight, failures, latency.
@@ -269,7 +360,9 @@ def stats(
     from orchestrator.trace import utilization
 
     if not logfile.is_file():
-        raise DataError("log file not found; set [orchestrator] log_file in your config to write one", path=logfile)
+        raise DataError(
+            "log file not found; set [orchestrator] log_file in your config to write one", path=logfile
+        )
     with open(logfile, encoding="utf-8", errors="replace") as fh:
         good, skipped = answer_log_lines(fh)
     s = utilization(good, source=str(logfile))
@@ -292,8 +385,12 @@ def _register_optional() -> None:
     # Commands owned by their own modules; each registers itself without heavy imports.
     import importlib
 
-    for mod, target in (("orchestrator.cli_router", app), ("orchestrator.cli_train", experts_app),
-                        ("orchestrator.cli_serve", app), ("orchestrator.cli_config", app)):
+    for mod, target in (
+        ("orchestrator.cli_router", app),
+        ("orchestrator.cli_train", experts_app),
+        ("orchestrator.cli_serve", app),
+        ("orchestrator.cli_config", app),
+    ):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -38,7 +38,9 @@ def offline_defaults() -> None:
     # Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning threads starve
     # each other (measured here under load: 46 s → 2.4 s for one short generation).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # no per-weight "Loading weights" bars; phase() prints one line
+    os.environ.setdefault(
+        "TQDM_DISABLE", "1"
+    )  # no per-weight "Loading weights" bars; phase() prints one line
 
 
 @contextlib.contextmanager
@@ -93,7 +95,9 @@ def check_text(text: str, *, what: str = "question") -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InputError(f"the {what} is not valid UTF-8 text (byte {exc.start}); check your terminal's encoding") from None
+        raise InputError(
+            f"the {what} is not valid UTF-8 text (byte {exc.start}); check your terminal's encoding"
+        ) from None
     if not text.strip():
         raise InputError(f"the {what} is empty; ask a question")
 
@@ -137,11 +141,35 @@ def print_trace(d: dict[str, Any]) -> None:
     typer.echo(f"{'expert':<14}{'weight':>8}{'tokens':>8}{'latency':>10}  status", err=True)
     for c in d.get("contributions") or []:
         status = "ok" if not c.get("error") else f"failed: {str(c['error'])[:60]}"
-        typer.echo(f"{c['expert']:<14}{c['weight']:>7.0%} {c['tokens']:>7}{c['latency_s']:>9.2f}s  {status}", err=True)
+        typer.echo(
+            f"{c['expert']:<14}{c['weight']:>7.0%} {c['tokens']:>7}{c['latency_s']:>9.2f}s  {status}",
+            err=True,
+        )
+    print_plan(d)
     t = d.get("timings") or {}
     u = d.get("usage") or {}
-    typer.echo(f"time: route {t.get('route', 0):.2f}s, experts {t.get('experts', 0):.2f}s, merge {t.get('merge', 0):.2f}s, "
-               f"total {t.get('total', 0):.2f}s; answer {u.get('completion_tokens', 0)} tokens", err=True)
+    typer.echo(
+        f"time: route {t.get('route', 0):.2f}s, experts {t.get('experts', 0):.2f}s, merge {t.get('merge', 0):.2f}s, "
+        f"total {t.get('total', 0):.2f}s; answer {u.get('completion_tokens', 0)} tokens",
+        err=True,
+    )
+
+
+def print_plan(d: dict[str, Any]) -> None:
+    """Which expert answered which part (only for a request split into several parts)."""
+    plan = d.get("plan") or {}
+    parts = plan.get("parts") or []
+    if len(parts) < 2:
+        return
+    note = f" ({plan['fallback']})" if plan.get("fallback") else ""
+    typer.echo(f"plan: {len(parts)} parts by {plan.get('planner')}{note}", err=True)
+    for i, p in enumerate(parts, 1):
+        who = p.get("answered_by") or "-"
+        routed = ", ".join(f"{e['name']} {e['weight']:.0%}" for e in (p.get("routing") or p).get("experts", []))
+        text = " ".join(str(p.get("text", "")).split())
+        text = text if len(text) <= 48 else text[:47] + "…"
+        extra = f"  fallback: {str(p['fallback'])[:40]}" if p.get("fallback") else ""
+        typer.echo(f"  {i}. {text:<48}  -> {who:<12} routed: {routed}{extra}", err=True)
 
 
 def _log_record_ok(rec: Any) -> bool:

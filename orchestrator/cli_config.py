@@ -38,7 +38,9 @@ def to_toml(d: dict[str, Any]) -> str:
 
 
 def show(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
 ) -> None:
     """Print the effective config: every key, defaults filled in, paths resolved, secrets hidden."""

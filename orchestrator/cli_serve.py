@@ -26,26 +26,48 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port") from exc
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port"
+            ) from exc
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
     def serve(
-        host: Annotated[Optional[str], typer.Option(help="Interface to bind (default from config: 127.0.0.1).")] = None,
+        host: Annotated[
+            Optional[str], typer.Option(help="Interface to bind (default from config: 127.0.0.1).")
+        ] = None,
         port: Annotated[Optional[int], typer.Option(help="TCP port (default from config: 8000).")] = None,
-        config: Annotated[Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")] = None,
-        api_key: Annotated[Optional[str], typer.Option(
-            envvar="EXPERTMIX_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics.")] = None,
-        batching: Annotated[Optional[bool], typer.Option(
-            "--batching/--no-batching",
-            help="Decode concurrent requests together (local experts) (default: the config's server.batching).")] = None,
+        config: Annotated[
+            Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")
+        ] = None,
+        api_key: Annotated[
+            Optional[str],
+            typer.Option(
+                envvar="EXPERTMIX_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics."
+            ),
+        ] = None,
+        batching: Annotated[
+            Optional[bool],
+            typer.Option(
+                "--batching/--no-batching",
+                help="Decode concurrent requests together (local experts) "
+                "(default: the config's server.batching).",
+            ),
+        ] = None,
         max_batch_size: Annotated[Optional[int], typer.Option(help="Rows per decoded batch at most.")] = None,
-        max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a batch waits for more requests.")] = None,
+        max_wait_ms: Annotated[
+            Optional[float], typer.Option(help="How long a batch waits for more requests.")
+        ] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-        drop_params: Annotated[bool, typer.Option(
-            "--drop-params", help="Drop unknown request fields instead of answering 400 (LiteLLM's drop_params).")] = False,
+        drop_params: Annotated[
+            bool,
+            typer.Option(
+                "--drop-params",
+                help="Drop unknown request fields instead of answering 400 (LiteLLM's drop_params).",
+            ),
+        ] = False,
     ) -> None:
         """Serve an OpenAI-compatible API: model 'expertmix' (routed + merged), each expert, '__base__'."""
         from dataclasses import replace
@@ -71,7 +93,10 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("--max-batch-size must be >= 1 and --max-wait-ms >= 0")
         _check_port_free(s.host, s.port)
         if s.host not in _LOOPBACK and not s.api_key:
-            typer.echo(f"warning: listening on {s.host} without --api-key: anyone who can reach it can use it", err=True)
+            typer.echo(
+                f"warning: listening on {s.host} without --api-key: anyone who can reach it can use it",
+                err=True,
+            )
 
         import uvicorn
 
@@ -80,7 +105,10 @@ def register(app: typer.Typer) -> None:
 
         om = Orchestrator(cfg, batching=s.batching)
         app_ = create_app(om, settings=s, batching=s.batching, owns_orchestrator=True)
-        typer.echo(f"expertmix: serving {', '.join(om.expert_names)} + expertmix on http://{s.host}:{s.port}/v1", err=True)
+        typer.echo(
+            f"expertmix: serving {', '.join(om.expert_names)} + expertmix on http://{s.host}:{s.port}/v1",
+            err=True,
+        )
         from orchestrator.client import remove_port_file, write_port_file
 
         class _Server(uvicorn.Server):
@@ -90,16 +118,26 @@ def register(app: typer.Typer) -> None:
                 remove_port_file()
                 await super().shutdown(sockets=sockets)
 
-        server = _Server(uvicorn.Config(app_, host=s.host, port=s.port, log_level=log_level,
-                                        timeout_graceful_shutdown=10, access_log=log_level == "debug"))
+        server = _Server(
+            uvicorn.Config(
+                app_,
+                host=s.host,
+                port=s.port,
+                log_level=log_level,
+                timeout_graceful_shutdown=10,
+                access_log=log_level == "debug",
+            )
+        )
         from orchestrator.server.background import graceful_shutdown
 
         graceful_shutdown(server, app_)  # SIGTERM: 503 to new requests, drain in-flight work, then exit
 
         # `expertmix ask/route/generate` with the same config find this server through the port file.
         client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-        write_port_file(url=f"http://{'[' + client_host + ']' if ':' in client_host else client_host}:{s.port}",
-                        config=config)
+        write_port_file(
+            url=f"http://{'[' + client_host + ']' if ':' in client_host else client_host}:{s.port}",
+            config=config,
+        )
         try:
             server.run()
         finally:

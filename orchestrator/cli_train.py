@@ -6,6 +6,7 @@ and peft are imported inside the command only, so ``--help`` stays instant.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -41,55 +42,89 @@ def preflight_out(out: Path) -> None:
 
 def train(
     name: Annotated[str, typer.Option("--name", help="Expert name (lowercase letters, digits, '-', '_').")],
-    data: Annotated[Path, typer.Option("--data", help="Training pairs: JSON Lines or CSV with instruction/response.")],
-    val: Annotated[Optional[Path], typer.Option("--val", help="Validation pairs: val NLL of base vs adapter.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Adapter directory to write [default: adapters/NAME].")] = None,
-    base: Annotated[str, typer.Option("--base", help="Base model: default name, HF directory, .gguf or hub id.")] = (
-        "smollm2-135m-instruct"
-    ),
+    data: Annotated[
+        Path, typer.Option("--data", help="Training pairs: JSON Lines or CSV with instruction/response.")
+    ],
+    val: Annotated[
+        Optional[Path], typer.Option("--val", help="Validation pairs: val NLL of base vs adapter.")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Adapter directory to write [default: adapters/NAME].")
+    ] = None,
+    base: Annotated[
+        str, typer.Option("--base", help="Base model: default name, HF directory, .gguf or hub id.")
+    ] = ("smollm2-135m-instruct"),
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 16,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale = alpha / rank).")] = 32,
     targets: Annotated[
-        str, typer.Option("--targets", help="Comma-separated projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.")
+        str,
+        typer.Option(
+            "--targets",
+            help="Comma-separated projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.",
+        ),
     ] = "q_proj,v_proj",
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training data (may be fractional).")] = 2,
+    epochs: Annotated[
+        float, typer.Option("--epochs", help="Passes over the training data (may be fractional).")
+    ] = 2,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per step (padded per batch).")] = 8,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N steps (caps --epochs).")] = None,
+    max_steps: Annotated[
+        Optional[int], typer.Option("--max-steps", help="Stop after N steps (caps --epochs).")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, shuffling and dropout.")] = 0,
     max_length: Annotated[
-        int, typer.Option("--max-length", help="Max prompt+response tokens per row; longer responses are truncated.")
+        int,
+        typer.Option(
+            "--max-length", help="Max prompt+response tokens per row; longer responses are truncated."
+        ),
     ] = 384,
     long_prompts: Annotated[
-        str, typer.Option("--long-prompts", help="A row whose prompt alone exceeds --max-length: error or skip (counted).")
+        str,
+        typer.Option(
+            "--long-prompts", help="A row whose prompt alone exceeds --max-length: error or skip (counted)."
+        ),
     ] = "error",
     val_rows: Annotated[
         int, typer.Option("--val-rows", help="Score the first N validation rows (0 = all).")
     ] = 64,
     threads: Annotated[
-        Optional[int], typer.Option("--threads", help="CPU threads (default: all cores; 1 helps on a busy machine).")
+        Optional[int],
+        typer.Option("--threads", help="CPU threads (default: all cores; 1 helps on a busy machine)."),
     ] = None,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.05,
-    instruction_field: Annotated[str, typer.Option("--instruction-field", help="Field (column) with the instruction.")] = (
-        "instruction"
-    ),
-    response_field: Annotated[str, typer.Option("--response-field", help="Field (column) with the response.")] = "response",
-    save_dtype: Annotated[str, typer.Option("--save-dtype", help="float32 or bfloat16 (half the file size).")] = "float32",
+    instruction_field: Annotated[
+        str, typer.Option("--instruction-field", help="Field (column) with the instruction.")
+    ] = ("instruction"),
+    response_field: Annotated[
+        str, typer.Option("--response-field", help="Field (column) with the response.")
+    ] = "response",
+    save_dtype: Annotated[
+        str, typer.Option("--save-dtype", help="float32 or bfloat16 (half the file size).")
+    ] = "float32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
     register_config: Annotated[
         Optional[Path], typer.Option("--register", help="Append the expert to this expertmix.toml.")
     ] = None,
-    description: Annotated[str, typer.Option("--description", help="Description written with --register.")] = "",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing adapter / registered name.")] = False,
+    description: Annotated[
+        str, typer.Option("--description", help="Description written with --register.")
+    ] = "",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing adapter / registered name.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     init_adapter: Annotated[
-        Optional[Path], typer.Option("--init-adapter", help="Continue training this adapter (its rank, alpha, targets).")
+        Optional[Path],
+        typer.Option("--init-adapter", help="Continue training this adapter (its rank, alpha, targets)."),
     ] = None,
 ) -> None:
     """Fine-tune a LoRA expert; write a PEFT adapter, training_report.json and loss.png."""
     with one_line_errors():
+        from expertmix.errors import InputError
         from experts.training import TrainConfig, train_expert
 
+        for flag, value in (("--epochs", epochs), ("--lr", lr), ("--alpha", alpha), ("--dropout", dropout)):
+            if not math.isfinite(value):
+                raise InputError(f"{flag} must be a finite number, got {value}")
         preflight_out(out if out is not None else Path("adapters") / name)
         cfg = TrainConfig(
             name=name, data=data, val=val, out=out, base=base, rank=rank, alpha=alpha, targets=tuple(targets.split(",")),
@@ -102,10 +137,14 @@ def train(
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
     rep = result.report
-    typer.echo(f"wrote {result.out} ({rep['hyperparameters']['steps']} steps, {rep['time_s']['total']:.0f} s)")
+    typer.echo(
+        f"wrote {result.out} ({rep['hyperparameters']['steps']} steps, {rep['time_s']['total']:.0f} s)"
+    )
     v = rep.get("val_nll_per_token")
     if v:
-        typer.echo(f"val NLL/token: base {v['base']:.4f} -> adapter {v['adapter']:.4f} ({100 * v['relative_change']:+.1f}%)")
+        typer.echo(
+            f"val NLL/token: base {v['base']:.4f} -> adapter {v['adapter']:.4f} ({100 * v['relative_change']:+.1f}%)"
+        )
     if result.registered is not None:
         typer.echo(f"registered {name!r} in {result.registered}")
 

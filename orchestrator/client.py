@@ -106,8 +106,10 @@ class Server:
             r = self._request("POST", "/v1/chat/completions", body, None)
             raw = r.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise ExpertUnavailable(f"server {self.url} failed: {exc}; unset {ENV_SERVER} or pass --local to run "
-                                    "in-process", expert=str(body.get("model"))) from exc
+            raise ExpertUnavailable(
+                f"server {self.url} failed: {exc}; unset {ENV_SERVER} or pass --local to run in-process",
+                expert=str(body.get("model")),
+            ) from exc
         return _json_or_raise(r.status, raw, self.url)
 
     def stream_chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -133,7 +135,9 @@ class Server:
                     _raise_api_error(chunk, self.url)
                 yield chunk
         except (OSError, http.client.HTTPException) as exc:
-            raise ExpertUnavailable(f"server {self.url} failed mid-stream: {exc}", expert=str(body.get("model"))) from exc
+            raise ExpertUnavailable(
+                f"server {self.url} failed mid-stream: {exc}", expert=str(body.get("model"))
+            ) from exc
 
 
 def _raise_api_error(body: dict[str, Any], url: str, status: int = 0) -> None:
@@ -169,8 +173,10 @@ def find_server(*, server: str | None, config: str | Path | None, local: bool = 
         url = named.rstrip("/").removesuffix("/v1")
         s = Server(url, key)
         if not s.healthy():
-            raise ConfigError(f"no expertmix server answers at {url}/health; start one with `expertmix serve`, "
-                              f"or drop --server / unset {ENV_SERVER} to run in-process")
+            raise ConfigError(
+                f"no expertmix server answers at {url}/health; start one with `expertmix serve`, "
+                f"or drop --server / unset {ENV_SERVER} to run in-process"
+            )
         return s
     try:
         info = json.loads(port_file().read_text("utf-8"))
@@ -191,5 +197,11 @@ def answer_dict(body: dict[str, Any]) -> dict[str, Any]:
     choice = (body.get("choices") or [{}])[0]
     text = (choice.get("message") or {}).get("content") or ""
     usage = body.get("usage") or {}
-    return {"answer": text, **trace,
-            "usage": {"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0)}}
+    return {
+        "answer": text,
+        **trace,
+        "usage": {
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0),
+        },
+    }

@@ -16,8 +16,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from experts.registry import BASE_EXPERT, BaseSpec, ExpertRegistry, ExpertSpec, parse_base, parse_experts
 from expertmix.errors import ConfigError
+from experts.registry import BASE_EXPERT, BaseSpec, ExpertRegistry, ExpertSpec, parse_base, parse_experts
 
 __all__ = [
     "COMPOSERS",
@@ -54,7 +54,7 @@ class _Invalid(ConfigError):
         self.detail = detail
 
 
-def _opt(default: Any, help: str) -> Any:  # noqa: A002 - the field's help text
+def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
@@ -69,7 +69,7 @@ def known_strategies() -> list[str]:
 def known_planners() -> list[str]:
     """Registered planners; the built-in names when the planning package is not there."""
     try:
-        import orchestrator.planning as planning
+        from orchestrator import planning
     except ModuleNotFoundError as exc:
         if exc.name not in ("orchestrator.planning",):
             raise
@@ -101,13 +101,25 @@ def _check_types(obj: Any, section: str) -> None:
         value = getattr(obj, f.name)
         tname = str(f.type)
         if not _type_ok(value, tname):
-            raise _Invalid(f"{section}.{f.name}", f"must be {tname.replace(' | None', '')}, got {type(value).__name__} {value!r}")
+            raise _Invalid(
+                f"{section}.{f.name}",
+                f"must be {tname.replace(' | None', '')}, got {type(value).__name__} {value!r}",
+            )
         if tname.startswith("float") and isinstance(value, int):
             object.__setattr__(obj, f.name, float(value))
 
 
-def _finite(obj: Any, section: str, name: str, *, lo: float, lo_open: bool = False, hi: float | None = None,
-            hi_open: bool = False, hint: str = "") -> None:
+def _finite(
+    obj: Any,
+    section: str,
+    name: str,
+    *,
+    lo: float,
+    lo_open: bool = False,
+    hi: float | None = None,
+    hi_open: bool = False,
+    hint: str = "",
+) -> None:
     v = getattr(obj, name)
     if v is None:
         return
@@ -115,8 +127,11 @@ def _finite(obj: Any, section: str, name: str, *, lo: float, lo_open: bool = Fal
     if hi is not None:
         ok = ok and (v < hi if hi_open else v <= hi)
     if not ok:
-        rng = f"{'>' if lo_open else '>='} {lo:g}" if hi is None else (
-            f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+        rng = (
+            f"{'>' if lo_open else '>='} {lo:g}"
+            if hi is None
+            else (f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+        )
         raise _Invalid(f"{section}.{name}", f"must be a finite number {rng}{hint}, got {v!r}")
 
 
@@ -140,17 +155,27 @@ class OrchestratorSettings:
     """``[orchestrator]``: how a question is answered."""
 
     strategy: str = _opt("synthesis", "Merge strategy: a name registered in orchestrator.merge.")
-    planner: str = _opt("segment", "How a request is split into parts before the experts run (segment, llm, none).")
-    compose: str = _opt("sections", "How `decompose` joins the parts' answers: sections (no LLM pass) or synthesis.")
+    planner: str = _opt(
+        "segment", "How a request is split into parts before the experts run (segment, llm, none)."
+    )
+    compose: str = _opt(
+        "sections", "How `decompose` joins the parts' answers: sections (no LLM pass) or synthesis."
+    )
     max_parts: int = _opt(4, "At most this many parts per request (the rest is merged into the last part).")
     max_new_tokens: int = _opt(160, "Tokens generated at most per expert answer.")
     temperature: float = _opt(0.0, "Sampling temperature; 0 = greedy.")
-    repetition_penalty: float = _opt(1.1, "Penalty on repeated tokens (small models loop under greedy); 1.0 = off.")
+    repetition_penalty: float = _opt(
+        1.1, "Penalty on repeated tokens (small models loop under greedy); 1.0 = off."
+    )
     expert_timeout_s: float = _opt(300.0, "Seconds an expert may take before it is dropped from the answer.")
     aggregator: str = _opt(BASE_EXPERT, "Expert that writes the synthesis (a configured expert or __base__).")
-    synthesis_template: str = _opt(DEFAULT_SYNTHESIS_TEMPLATE, "Aggregator prompt; needs {question} and {contributions}.")
+    synthesis_template: str = _opt(
+        DEFAULT_SYNTHESIS_TEMPLATE, "Aggregator prompt; needs {question} and {contributions}."
+    )
     contribution_template: str = _opt(
-        DEFAULT_CONTRIBUTION_TEMPLATE, "One expert's part of the synthesis prompt; fields {expert} {weight} {weight_pct} {text}.")
+        DEFAULT_CONTRIBUTION_TEMPLATE,
+        "One expert's part of the synthesis prompt; fields {expert} {weight} {weight_pct} {text}.",
+    )
     log_file: str | None = _opt(None, "Append one JSON line per answer here (relative to the config file).")
     log_query_text: bool = _opt(False, "Log the query text; false logs a SHA-256 of it instead.")
     merge_cache_size: int = _opt(8, "Merged adapters (adapter_merge) kept in memory.")
@@ -166,16 +191,31 @@ class OrchestratorSettings:
         _finite(self, sec, "expert_timeout_s", lo=0, lo_open=True, hint=" seconds")
         strategies = known_strategies()
         if self.strategy not in strategies:
-            raise _Invalid(f"{sec}.strategy", f"unknown merge strategy {self.strategy!r}; use one of {', '.join(strategies)}")
+            raise _Invalid(
+                f"{sec}.strategy",
+                f"unknown merge strategy {self.strategy!r}; use one of {', '.join(strategies)}",
+            )
         planners = known_planners()
         if self.planner not in planners:
-            raise _Invalid(f"{sec}.planner", f"unknown planner {self.planner!r}; use one of {', '.join(planners)}")
+            raise _Invalid(
+                f"{sec}.planner", f"unknown planner {self.planner!r}; use one of {', '.join(planners)}"
+            )
         if self.compose not in COMPOSERS:
-            raise _Invalid(f"{sec}.compose", f"unknown compose {self.compose!r}; use one of {', '.join(COMPOSERS)}")
-        _check_template(f"{sec}.synthesis_template", self.synthesis_template, required=("question", "contributions"),
-                        sample={"question": "q", "contributions": "c"})
-        _check_template(f"{sec}.contribution_template", self.contribution_template, required=("text",),
-                        sample={"expert": "e", "weight": "0.50", "weight_pct": "50%", "text": "t"})
+            raise _Invalid(
+                f"{sec}.compose", f"unknown compose {self.compose!r}; use one of {', '.join(COMPOSERS)}"
+            )
+        _check_template(
+            f"{sec}.synthesis_template",
+            self.synthesis_template,
+            required=("question", "contributions"),
+            sample={"question": "q", "contributions": "c"},
+        )
+        _check_template(
+            f"{sec}.contribution_template",
+            self.contribution_template,
+            required=("text",),
+            sample={"expert": "e", "weight": "0.50", "weight_pct": "50%", "text": "t"},
+        )
 
 
 def _check_template(key: str, template: str, *, required: tuple[str, ...], sample: dict[str, str]) -> None:
@@ -185,7 +225,9 @@ def _check_template(key: str, template: str, *, required: tuple[str, ...], sampl
     try:
         template.format(**sample)
     except (KeyError, IndexError, ValueError) as exc:
-        raise _Invalid(key, f"is not a valid template ({exc!r}); fields: {', '.join(sample)}; write {{{{ }}}} for braces")
+        raise _Invalid(
+            key, f"is not a valid template ({exc!r}); fields: {', '.join(sample)}; write {{{{ }}}} for braces"
+        )
 
 
 @dataclass(frozen=True)
@@ -194,14 +236,18 @@ class ServerSettings:
 
     host: str = _opt("127.0.0.1", "Interface to bind; anything but loopback needs api_key.")
     port: int = _opt(8000, "TCP port.")
-    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' (also EXPERTMIX_API_KEY / --api-key).")
+    api_key: str | None = _opt(
+        None, "Require 'Authorization: Bearer KEY' (also EXPERTMIX_API_KEY / --api-key)."
+    )
     max_batch_size: int = _opt(16, "Rows per decoded batch at most.")
     max_wait_ms: float = _opt(10.0, "How long a batch waits for more requests (milliseconds).")
     max_queue: int = _opt(256, "Requests waiting at most; more get 429.")
     max_request_bytes: int = _opt(1_000_000, "Largest request body accepted.")
     max_tokens_limit: int = _opt(1024, "Largest max_tokens a client may ask for.")
     batching: bool = _opt(True, "Decode concurrent requests together in shared mixed-adapter batches.")
-    drop_params: bool = _opt(False, "Drop unknown request fields instead of answering 400 (LiteLLM's drop_params).")
+    drop_params: bool = _opt(
+        False, "Drop unknown request fields instead of answering 400 (LiteLLM's drop_params)."
+    )
 
     def __post_init__(self) -> None:
         sec = "server"
@@ -233,22 +279,35 @@ class ExpertmixConfig:
         names: set[str] = set()
         for i, e in enumerate(self.experts):
             if e.name in names:
-                raise ConfigError(f"duplicate expert name {e.name!r}; each expert needs its own", path=p,
-                                  key=f"experts[{i}].name")
+                raise ConfigError(
+                    f"duplicate expert name {e.name!r}; each expert needs its own",
+                    path=p,
+                    key=f"experts[{i}].name",
+                )
             names.add(e.name)
             if e.backend == "local" and e.adapter is not None and not Path(e.adapter).is_dir():
                 raise ConfigError(
-                    f"adapter directory {e.adapter} does not exist; fix the path (relative paths are relative to the "
-                    f"config file) or train it: expertmix experts train --name {e.name} --data FILE --out {e.adapter}",
-                    path=p, key=f"experts[{i}].adapter")
+                    f"adapter directory {e.adapter} does not exist; fix the path (relative paths are relative "
+                    f"to the config file) or train it: expertmix experts train --name {e.name} --data FILE "
+                    f"--out {e.adapter}",
+                    path=p,
+                    key=f"experts[{i}].adapter",
+                )
         agg = self.orchestrator.aggregator
         if agg not in names | {BASE_EXPERT}:
-            raise ConfigError(f"aggregator {agg!r} is not a configured expert; use {BASE_EXPERT} or one of "
-                              f"{', '.join(sorted(names)) or '(none)'}", path=p, key="orchestrator.aggregator")
+            raise ConfigError(
+                f"aggregator {agg!r} is not a configured expert; use {BASE_EXPERT} or one of "
+                f"{', '.join(sorted(names)) or '(none)'}",
+                path=p,
+                key="orchestrator.aggregator",
+            )
         rp = self.router.path
         if rp is not None and not Path(rp).exists():
-            raise ConfigError(f"router {rp} does not exist; fix the path, or remove it for the shipped router",
-                              path=p, key="router.path")
+            raise ConfigError(
+                f"router {rp} does not exist; fix the path, or remove it for the shipped router",
+                path=p,
+                key="router.path",
+            )
 
     @property
     def registry(self) -> ExpertRegistry:
@@ -256,14 +315,22 @@ class ExpertmixConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The effective config as TOML-shaped tables (every default filled in; unset values left out)."""
+
         def table(obj: Any) -> dict[str, Any]:
-            out = {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if getattr(obj, f.name) is not None}
+            out = {
+                f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if getattr(obj, f.name) is not None
+            }
             if "api_key" in out:
                 out["api_key"] = "***"  # never print a secret
             return out
 
-        return {"base": table(self.base), "router": table(self.router), "orchestrator": table(self.orchestrator),
-                "server": table(self.server), "experts": [table(e) for e in self.experts]}
+        return {
+            "base": table(self.base),
+            "router": table(self.router),
+            "orchestrator": table(self.orchestrator),
+            "server": table(self.server),
+            "experts": [table(e) for e in self.experts],
+        }
 
 
 def _plain(v: Any) -> Any:
@@ -288,7 +355,9 @@ def _section(cls: type, table: Any, *, path: str, name: str) -> Any:
     known = {f.name for f in fields(cls)}
     extra = sorted(set(table) - known)
     if extra:
-        warnings.warn(f"{path} [{name}]: unknown key(s) {', '.join(extra)} ignored", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{path} [{name}]: unknown key(s) {', '.join(extra)} ignored", UserWarning, stacklevel=3
+        )
     return cls(**{k: v for k, v in table.items() if k in known})
 
 
@@ -303,7 +372,9 @@ def load_config(path: str | Path | None = None) -> ExpertmixConfig:
     """Load and validate a config file; ``None`` loads the shipped defaults."""
     p = Path(path) if path is not None else default_config_path()
     if not p.is_file():
-        raise ConfigError("config file not found; pass --config FILE or omit it for the shipped defaults", path=p)
+        raise ConfigError(
+            "config file not found; pass --config FILE or omit it for the shipped defaults", path=p
+        )
     try:
         data = tomllib.loads(p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -329,12 +400,15 @@ def load_config(path: str | Path | None = None) -> ExpertmixConfig:
         )
     except _Invalid as exc:
         raise ConfigError(exc.detail, path=sp, key=exc.key) from None
-    except TypeError as exc:  # a dataclass refused its arguments: report it as a config error, not a traceback
+    except (
+        TypeError
+    ) as exc:  # a dataclass refused its arguments: report it as a config error, not a traceback
         raise ConfigError(str(exc), path=sp) from None
 
 
 def config_schema() -> dict[str, Any]:
     """A JSON Schema (draft 2020-12) of ``expertmix.toml``, built from the dataclasses above."""
+
     def props(cls: type) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(cls):
@@ -342,7 +416,13 @@ def config_schema() -> dict[str, Any]:
                 continue
             tname = str(f.type)
             base = tname.replace(" | None", "")
-            js = {"int": "integer", "float": "number", "bool": "boolean", "str": "string", "Path": "string"}.get(base, "string")
+            js = {
+                "int": "integer",
+                "float": "number",
+                "bool": "boolean",
+                "str": "string",
+                "Path": "string",
+            }.get(base, "string")
             entry: dict[str, Any] = {"type": [js, "null"] if tname.endswith("| None") else js}
             default = f.default if f.default is not MISSING else None
             if default is not None:

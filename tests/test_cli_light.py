@@ -13,7 +13,10 @@ import pytest
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -31,8 +34,21 @@ def test_help_imports_no_torch() -> None:
 
 @pytest.mark.parametrize(
     "cmd",
-    [[], ["ask"], ["generate"], ["stats"], ["route"], ["experts"], ["experts", "list"], ["experts", "train"],
-     ["router"], ["router", "train"], ["router", "eval"], ["router", "promote"], ["serve"]],
+    [
+        [],
+        ["ask"],
+        ["generate"],
+        ["stats"],
+        ["route"],
+        ["experts"],
+        ["experts", "list"],
+        ["experts", "train"],
+        ["router"],
+        ["router", "train"],
+        ["router", "eval"],
+        ["router", "promote"],
+        ["serve"],
+    ],
 )
 def test_every_command_has_help(cmd: list[str]) -> None:
     from typer.testing import CliRunner
@@ -71,8 +87,17 @@ def test_generate_unknown_expert_and_empty_prompt() -> None:
 def test_non_utf8_argument_is_a_clear_error() -> None:
     # argv bytes that are not UTF-8 arrive as surrogate escapes
     res = subprocess.run(
-        [sys.executable.encode(), b"-m", b"orchestrator.cli", b"generate", b"--expert", b"__base__", b"caf\xe9"],
-        capture_output=True, timeout=120,
+        [
+            sys.executable.encode(),
+            b"-m",
+            b"orchestrator.cli",
+            b"generate",
+            b"--expert",
+            b"__base__",
+            b"caf\xe9",
+        ],
+        capture_output=True,
+        timeout=120,
     )
     assert res.returncode == 1
     assert b"UTF-8" in res.stderr and b"Traceback" not in res.stderr
@@ -107,8 +132,11 @@ def test_help_shows_defaults() -> None:
 
 def test_bad_argv_bytes_are_one_clean_line_for_route_and_ask() -> None:
     for cmd in (b"route", b"ask"):
-        res = subprocess.run([sys.executable.encode(), b"-m", b"orchestrator.cli", cmd, b"\xff"],
-                             capture_output=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable.encode(), b"-m", b"orchestrator.cli", cmd, b"\xff"],
+            capture_output=True,
+            timeout=120,
+        )
         assert res.returncode == 1, res.stderr
         assert res.stderr.startswith(b"error: ") and res.stderr.count(b"\n") == 1 and b"UTF-8" in res.stderr
 
@@ -136,11 +164,27 @@ def test_config_show_validate_schema(tmp_path) -> None:
 
 
 def test_stats_skips_torn_and_wrong_shaped_lines(tmp_path) -> None:
-    good = {"ts": 1, "strategy": "top1", "routing": {"abstained": False},
-            "experts": [{"expert": "finance", "weight": 1.0, "tokens": 3, "latency_s": 0.5, "error": None}]}
+    good = {
+        "ts": 1,
+        "strategy": "top1",
+        "routing": {"abstained": False},
+        "experts": [{"expert": "finance", "weight": 1.0, "tokens": 3, "latency_s": 0.5, "error": None}],
+    }
     log = tmp_path / "log.jsonl"
-    log.write_text("\n".join([json.dumps(good), "[1, 2]", '{"experts": "x"}', '{"experts": [3]}',
-                              json.dumps(good), json.dumps(good)[:25]]) + "\n", encoding="utf-8")
+    log.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                "[1, 2]",
+                '{"experts": "x"}',
+                '{"experts": [3]}',
+                json.dumps(good),
+                json.dumps(good)[:25],
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     res = _run("stats", str(log), "--json")
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout)
@@ -156,8 +200,12 @@ def test_train_checks_out_before_training(tmp_path) -> None:
     data.write_text(json.dumps({"instruction": "q", "response": "a"}) + "\n")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    res = _run("experts", "train", "--name", "legal", "--data", str(data), "--out", str(blocker / "x"), "--quiet")
+    res = _run(
+        "experts", "train", "--name", "legal", "--data", str(data), "--out", str(blocker / "x"), "--quiet"
+    )
     assert res.returncode == 1 and "not a writable directory" in res.stderr, res.stderr
+    res = _run("experts", "train", "--name", "legal", "--data", str(data), "--epochs", "inf", "--quiet")
+    assert res.returncode == 1 and "--epochs must be a finite number" in res.stderr, res.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     preflight_out(empty)  # an existing empty directory is accepted: the adapter replaces it
@@ -170,7 +218,7 @@ def test_train_checks_out_before_training(tmp_path) -> None:
 
 
 def test_route_applies_the_configs_min_weight_like_ask(tmp_path) -> None:
-    """The shipped config drops experts under 5 %: `route` must show what `ask` uses (issue: finance 0.0004)."""
+    """The shipped config drops experts under 5 %: `route` shows what `ask` uses (was: finance 0.0004)."""
     from orchestrator.cli_config import to_toml
     from orchestrator.config import load_config
 

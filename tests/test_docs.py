@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TIMEOUT_S = 300
-_FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
+_FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 _LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
@@ -41,9 +41,16 @@ BLOCKS = _blocks()
 def _env() -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("EXPERTMIX_SERVER", "EXPERTMIX_API_KEY")}
-    env.update(PATH=venv_bin + os.pathsep + env.get("PATH", ""), VIRTUAL_ENV=str(Path(venv_bin).parent),
-               EXPERTMIX_MAX_NEW_TOKENS="4", EXPERTMIX_DOCS_TEST="1", OMP_WAIT_POLICY="PASSIVE",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+    env.update(
+        PATH=venv_bin + os.pathsep + env.get("PATH", ""),
+        VIRTUAL_ENV=str(Path(venv_bin).parent),
+        EXPERTMIX_MAX_NEW_TOKENS="4",
+        EXPERTMIX_DOCS_TEST="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TQDM_DISABLE="1",
+    )
     return env
 
 
@@ -64,7 +71,9 @@ def test_runnable_block(where: str, lang: str, code: str) -> None:
         res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{where}: took more than {TIMEOUT_S} s")
-    assert res.returncode == 0, f"{where} failed (exit {res.returncode}):\n{code}\n--- stderr ---\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (
+        f"{where} failed (exit {res.returncode}):\n{code}\n--- stderr ---\n{res.stderr[-3000:]}"
+    )
 
 
 def test_relative_links_resolve() -> None:
@@ -99,7 +108,10 @@ def test_every_config_key_is_documented() -> None:
     from orchestrator.config import OrchestratorSettings, RouterSettings, ServerSettings
 
     text = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
-    missing = [f"{cls.__name__}.{f.name}" for cls in (BaseSpec, RouterSettings, OrchestratorSettings, ServerSettings,
-                                                       ExpertSpec)
-               for f in fields(cls) if f"| `{f.name}` |" not in text]
+    missing = [
+        f"{cls.__name__}.{f.name}"
+        for cls in (BaseSpec, RouterSettings, OrchestratorSettings, ServerSettings, ExpertSpec)
+        for f in fields(cls)
+        if f"| `{f.name}` |" not in text
+    ]
     assert not missing, f"docs/configuration.md lacks a row for: {', '.join(missing)}"

@@ -51,8 +51,13 @@ def server(om):
 def _cli(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if k not in ("EXPERTMIX_SERVER", "EXPERTMIX_API_KEY")}
     full.update(EXPERTMIX_HOME=str(home), **env)
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=full)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=full,
+    )
 
 
 def _same(a: dict, b: dict) -> None:
@@ -75,8 +80,16 @@ def test_ask_through_the_server_equals_in_process(server, om, tmp_path: Path) ->
 
 
 def test_stream_json_lines_through_the_server(server, om, tmp_path: Path) -> None:
-    res = _cli("ask", "--stream", "--json", "--max-new-tokens", str(TOKENS), Q, home=tmp_path,
-               EXPERTMIX_SERVER=server.url)
+    res = _cli(
+        "ask",
+        "--stream",
+        "--json",
+        "--max-new-tokens",
+        str(TOKENS),
+        Q,
+        home=tmp_path,
+        EXPERTMIX_SERVER=server.url,
+    )
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert rows[-1]["type"] == "answer" and all(r["type"] == "delta" for r in rows[:-1])
@@ -84,14 +97,26 @@ def test_stream_json_lines_through_the_server(server, om, tmp_path: Path) -> Non
     assert rows[-1]["usage"]["completion_tokens"] > 0
 
 
-def test_port_file_discovery_needs_the_same_config(server, config_file: Path, tmp_path: Path, monkeypatch) -> None:
+def test_port_file_discovery_needs_the_same_config(
+    server, config_file: Path, tmp_path: Path, monkeypatch
+) -> None:
     from orchestrator.client import port_file, remove_port_file, write_port_file
 
     monkeypatch.setenv("EXPERTMIX_HOME", str(tmp_path))
     write_port_file(url=server.url, config=config_file)
     assert port_file().is_file()
-    res = _cli("generate", "--expert", "__base__", "--max-new-tokens", str(TOKENS), "--json", "--config",
-               str(config_file), Q, home=tmp_path)
+    res = _cli(
+        "generate",
+        "--expert",
+        "__base__",
+        "--max-new-tokens",
+        str(TOKENS),
+        "--json",
+        "--config",
+        str(config_file),
+        Q,
+        home=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert "loaded in" not in res.stderr and json.loads(res.stdout)["tokens"] >= 1
     remove_port_file()

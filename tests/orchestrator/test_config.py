@@ -1,4 +1,4 @@
-"""expertmix.toml: typed, validated once at load; errors name the file, the key and the fix; unknown keys warn."""
+"""expertmix.toml: typed, validated once at load; errors name file, key and fix; unknown keys warn."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from experts.registry import ExpertSpec, name_problem
 from expertmix.errors import ConfigError
+from experts.registry import ExpertSpec, name_problem
 from orchestrator.config import (
     ExpertmixConfig,
     OrchestratorSettings,
@@ -51,13 +51,20 @@ BAD = [
     # (toml, key, message fragment)
     ("[base\nmodel = 1", None, "malformed TOML"),
     ('[[experts]]\nname = "Finance"\nadapter = "x"', "experts[0].name", "lowercase"),
-    ('[[experts]]\nname = "a"\nadapter = "x"\n[[experts]]\nname = "a"\nadapter = "y"', "experts[1].name", "duplicate"),
+    (
+        '[[experts]]\nname = "a"\nadapter = "x"\n[[experts]]\nname = "a"\nadapter = "y"',
+        "experts[1].name",
+        "duplicate",
+    ),
     ('[[experts]]\nname = "__base__"\nadapter = "x"', "experts[0].name", "reserved"),
     ('[[experts]]\nname = "a"', "experts[0].adapter", "needs 'adapter'"),
     ('[[experts]]\nname = "a"\nbackend = "openai"', "experts[0].base_url", "needs 'base_url'"),
     ('[[experts]]\nname = "a"\nadapter = "x"\nbackend = "tgi"', "experts[0].backend", "unknown backend"),
-    ('[[experts]]\nname = "a"\nbackend = "openai"\nbase_url = "http://h/v1"\ntimeout_s = nan', "experts[0].timeout_s",
-     "finite"),
+    (
+        '[[experts]]\nname = "a"\nbackend = "openai"\nbase_url = "http://h/v1"\ntimeout_s = nan',
+        "experts[0].timeout_s",
+        "finite",
+    ),
     # issue 9 "values accepted that break things later", the config's share of them:
     ('[[experts]]\nname = "legal"\nadapter = "missing/legal"', "experts[0].adapter", "does not exist"),
     ("[orchestrator]\ntemperature = -3", "orchestrator.temperature", ">= 0"),
@@ -74,8 +81,16 @@ BAD = [
     ("[orchestrator]\nmax_parts = 0", "orchestrator.max_parts", ">= 1"),
     ('[orchestrator]\nmax_new_tokens = "many"', "orchestrator.max_new_tokens", "must be int"),
     ('[orchestrator]\naggregator = "legal"', "orchestrator.aggregator", "__base__"),
-    ('[orchestrator]\nsynthesis_template = "{question} only"', "orchestrator.synthesis_template", "{contributions}"),
-    ('[orchestrator]\ncontribution_template = "{text} {nope}"', "orchestrator.contribution_template", "template"),
+    (
+        '[orchestrator]\nsynthesis_template = "{question} only"',
+        "orchestrator.synthesis_template",
+        "{contributions}",
+    ),
+    (
+        '[orchestrator]\ncontribution_template = "{text} {nope}"',
+        "orchestrator.contribution_template",
+        "template",
+    ),
     ("[server]\nmax_wait_ms = inf", "server.max_wait_ms", "finite"),
     ("[server]\nmax_wait_ms = nan", "server.max_wait_ms", "finite"),
     ("[server]\nmax_wait_ms = -1", "server.max_wait_ms", "finite"),
@@ -109,7 +124,10 @@ def test_every_strategy_in_the_registry_is_accepted(tmp_path: Path) -> None:
     names = known_strategies()
     assert {"synthesis", "mixture", "adapter_merge", "top1"} <= set(names)
     for name in names:
-        assert load_config(_write(tmp_path, f'[orchestrator]\nstrategy = "{name}"\n')).orchestrator.strategy == name
+        assert (
+            load_config(_write(tmp_path, f'[orchestrator]\nstrategy = "{name}"\n')).orchestrator.strategy
+            == name
+        )
 
 
 def test_dataclasses_validate_themselves_without_a_file(tmp_path: Path) -> None:
@@ -162,4 +180,5 @@ def test_schema_in_docs_matches_the_dataclasses() -> None:
     assert schema["properties"]["orchestrator"]["properties"]["temperature"]["default"] == 0.0
     assert DOCS_SCHEMA.is_file(), "run: expertmix config schema > docs/config.schema.json"
     assert json.loads(DOCS_SCHEMA.read_text("utf-8")) == schema, (
-        "docs/config.schema.json is stale; regenerate: expertmix config schema > docs/config.schema.json")
+        "docs/config.schema.json is stale; regenerate: expertmix config schema > docs/config.schema.json"
+    )
