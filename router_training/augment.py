@@ -35,8 +35,8 @@ FRAMES = (
     "Hey, I was wondering about this: {t}",
 )
 
-_STORY = re.compile(r"^\s*as an? (?P<role>.+?),? i (?:want|would like|need|wish|can)(?: to)? (?P<goal>.+)$", re.I | re.S)
-_REQ = re.compile(r"^\s*(?P<subj>.{2,80}?)\s+(?P<modal>shall|must|should|will)\s+(?:be able to\s+)?(?P<rest>.+)$", re.I | re.S)
+_STORY = re.compile(r"^\s*as an? (?P<role>.+?),? i (?:want|would like|need|wish|can)(?: to)? (?P<goal>.+)$", re.IGNORECASE | re.DOTALL)
+_REQ = re.compile(r"^\s*(?P<subj>.{2,80}?)\s+(?P<modal>shall|must|should|will)\s+(?:be able to\s+)?(?P<rest>.+)$", re.IGNORECASE | re.DOTALL)
 _QWORDS = (
     "how", "what", "why", "when", "where", "which", "who", "whom", "whose", "is", "are", "can", "could",
     "should", "would", "do", "does", "did", "will", "was", "were", "has", "have", "may", "might",
@@ -99,9 +99,7 @@ def text_form(text: str) -> str:
 
 
 _IMPERATIVE_VERBS = frozenset(
-    "add append calculate check concatenate convert count create delete display download drop extract filter "
-    "find format get group install insert iterate join list load make merge open parse plot print read remove "
-    "rename replace return reverse run save select send set sort split sum update upgrade write".split()
+    ["add", "append", "calculate", "check", "concatenate", "convert", "count", "create", "delete", "display", "download", "drop", "extract", "filter", "find", "format", "get", "group", "install", "insert", "iterate", "join", "list", "load", "make", "merge", "open", "parse", "plot", "print", "read", "remove", "rename", "replace", "return", "reverse", "run", "save", "select", "send", "set", "sort", "split", "sum", "update", "upgrade", "write"]
 )
 
 
@@ -115,7 +113,7 @@ def question_forms(text: str, *, copies: int = 1, seed: int = 0) -> list[str]:
     if form == "story":
         m = _STORY.match(t)
         assert m is not None
-        goal = _strip_end(re.split(r",?\s+so that\s+", m.group("goal"), maxsplit=1, flags=re.I)[0])
+        goal = _strip_end(re.split(r",?\s+so that\s+", m.group("goal"), maxsplit=1, flags=re.IGNORECASE)[0])
         fields.update(role=_strip_end(m.group("role")), goal=goal)
         forms: Sequence[str] = STORY_FORMS
     elif form == "requirement":

@@ -34,7 +34,7 @@ def _linear_params(est: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return coef, intercept
 
 
-def _fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, cfg: Any):  # noqa: ANN202
+def _fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, cfg: Any):
     if cfg.estimator == "centroid":
         cent = np.stack([x[y == k].mean(axis=0) for k in range(n_classes)])
         cent /= np.linalg.norm(cent, axis=1, keepdims=True) + 1e-12

@@ -15,7 +15,7 @@ from expertmix.errors import DataError
 from expertmix.io import file_sha256, read_records
 from router_training.schema import label_problem
 
-__all__ = ["DataConfig", "LabeledData", "check_label_name", "load_labeled", "load_texts", "data_hash"]
+__all__ = ["DataConfig", "LabeledData", "check_label_name", "data_hash", "load_labeled", "load_texts"]
 
 
 

@@ -107,7 +107,7 @@ class Encoder:
             model = SentenceTransformer(
                 str(self.path or self.name), device="cpu", local_files_only=self.path is not None
             )
-        except Exception as exc:  # noqa: BLE001 - third-party boundary
+        except Exception as exc:
             raise RouterError(f"cannot load embedding model {self.name}: {exc}") from exc
         model.max_seq_length = min(self.config.max_seq_length, model.max_seq_length or 512)
         model.eval()

@@ -16,7 +16,7 @@ import numpy as np
 from expertmix.io import atomic_write_bytes, atomic_write_text
 from router_training.artifact import RouterModel
 
-__all__ = ["METRIC_KEYS", "expected_calibration_error", "evaluate_arrays", "render_markdown", "write_report"]
+__all__ = ["METRIC_KEYS", "evaluate_arrays", "expected_calibration_error", "render_markdown", "write_report"]
 
 METRIC_KEYS = (
     "n",
@@ -62,7 +62,7 @@ def evaluate_arrays(
 
     labels = list(model.labels)
     k = len(labels)
-    out: dict[str, Any] = {"n": int(len(y)), "n_ood": int(0 if ood_x is None else len(ood_x))}
+    out: dict[str, Any] = {"n": len(y), "n_ood": int(0 if ood_x is None else len(ood_x))}
     probs = model.predict_proba(x) if len(y) else np.zeros((0, k))
     raw = model.predict_proba(x, calibrated=False) if len(y) else np.zeros((0, k))
     conf_in = model.confidence(x, probs) if len(y) else np.zeros(0)

@@ -224,7 +224,7 @@ def fit_router(
     texts, y_train, groups = _training_rows(sp, extra, labels, cfg)
     in_cal = _held_out_in_domain(sp, cfg)
     ood_fit_texts = list(sp.ood_fit) + augment(sp.ood_fit, cfg.augment, seed=cfg.seed)
-    enc = lambda t: encoder.encode(t, progress=progress)  # noqa: E731
+    enc = lambda t: encoder.encode(t, progress=progress)
     x_train, x_cal, x_in_cal = enc(texts), enc(sp.cal_texts), enc(in_cal)
     x_ood_fit, x_ood_cal = enc(ood_fit_texts), enc(sp.ood_cal)
     t_embed = time.perf_counter() - t0

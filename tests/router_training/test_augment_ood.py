@@ -83,3 +83,18 @@ def test_every_abstain_score_round_trips(tmp_path: Path, score: str) -> None:
     after = again.confidence(x, again.predict_proba(x))
     assert np.allclose(before, after, atol=1e-3) and again.abstain.describe() == rule.describe()
     assert again.abstain.components == rule.components
+
+
+def test_embedding_cache_is_per_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from router_training.embed import Encoder
+
+    monkeypatch.setenv("EXPERTMIX_HOME", str(tmp_path))
+    enc = Encoder()
+    first = [f"cache probe sentence number {i}" for i in range(20)]
+    a = enc.encode(first)
+    calls: list[int] = []
+    real = enc._encode_batches
+    monkeypatch.setattr(enc, "_encode_batches", lambda texts, progress: calls.append(len(texts)) or real(texts, progress=progress))
+    b = enc.encode(first[5:] + ["a new sentence one", "a new sentence two"])
+    assert calls == [2]  # only the two new texts were encoded
+    assert np.allclose(b[:15], a[5:], atol=1e-6)
