@@ -100,7 +100,7 @@ def _context(train: Any, val: Any, enc: Any, ood_eval: dict[str, list[str]], **e
 
 
 def _methods(ctx: dict[str, Any], cfg: Any, skip: set[str], llm_n: int) -> list[dict[str, Any]]:
-    from router_methods import bench_centroid, bench_knn, bench_llm, bench_ours, bench_semantic_router
+    from _router_methods import bench_centroid, bench_knn, bench_llm, bench_ours, bench_semantic_router
 
     rows = bench_ours(ctx, cfg) + [bench_knn(ctx, 1), bench_knn(ctx, 5), bench_centroid(ctx)]
     if "semantic_router" not in skip:
@@ -180,7 +180,7 @@ def bench_probe(router_path: Path) -> dict[str, Any]:
         }
 
     off = router.route_batch(list(mod.OFF_TOPIC))
-    from router_methods import latency
+    from _router_methods import latency
 
     queries = [q for q, _ in mod.ALL] + list(mod.OFF_TOPIC)
     p50, p99 = latency(lambda q: router.route(q), queries)
