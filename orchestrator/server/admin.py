@@ -1,6 +1,14 @@
-"""Routing as a service and the live lifecycle endpoints (issue 11).
+"""Routing as a service and the live lifecycle endpoints.
 
     POST /v1/route                  {"input": text | [texts], "k"?, "min_weight"?} → the routing, no generation
+    POST /v1/feedback               {"id", "rating": "good"|"bad", "expert"?, "comment"?, "text"?}
+    POST /admin/reload              load the router again (config path / store's current) and swap it in
+    POST /v1/load_lora_adapter      {"lora_name", "lora_path"} (vLLM's shape): a new local expert, validated first
+    POST /v1/unload_lora_adapter    {"lora_name"}
+
+The last three change the server: they need the server to have an API key (403 otherwise),
+and adapter paths must lie under the adapter roots (the config file's directory, the packaged
+adapters, ``EXPERTMIX_ADAPTER_ROOTS``): no reading arbitrary files.
 """
 
 from __future__ import annotations
@@ -9,8 +17,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union
 
 from fastapi import Depends, FastAPI
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator.server.errors import to_openai_error
 from orchestrator.server.schemas import OpenAIError
 
 if TYPE_CHECKING:
@@ -31,13 +41,27 @@ class RouteRequest(BaseModel):
     planner: str | None = None
 
 
+class LoadAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    description: str = Field(default="", max_length=500)
+
+
+class UnloadAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_int_id: int | None = None
+
+
 def _route_one(state: ServerState, text: str, req: RouteRequest) -> dict[str, Any]:
     om = state.om
     routing = om.route(text, k=req.k, min_weight=req.min_weight)
-    out: dict[str, Any] = {"input": text, **routing.to_dict()}
-    version = getattr(om.router, "version", None)
-    if version is not None:
-        out["router_version"] = version
+    from orchestrator.lifecycle import router_version
+
+    out: dict[str, Any] = {"input": text, **routing.to_dict(), "router_version": router_version(om.router)}
     plan = getattr(om, "plan", None)
     if plan is not None and (req.planner or getattr(om.settings, "planner", "none") != "none"):
         try:
@@ -49,7 +73,56 @@ def _route_one(state: ServerState, text: str, req: RouteRequest) -> dict[str, An
     return out
 
 
-def install_admin(app: FastAPI, state: ServerState, check_auth: Callable[..., None]) -> None:
+def install_admin(app: FastAPI, state: ServerState, check_auth: Callable[..., None],
+                  adapter_roots: tuple[Any, ...] = ()) -> None:
+    from orchestrator import lifecycle
+    from orchestrator.feedback import FeedbackLog, feedback_path, parse_feedback
+
+    om = state.om
+
+    def needs_key() -> None:
+        if not state.settings.api_key:
+            raise OpenAIError(403, "this endpoint changes the server: start it with --api-key to use it",
+                              type="permission_error", code="api_key_required")
+
+    admin = [Depends(needs_key), Depends(check_auth)]
+
+    async def change(fn: Callable[[], Any]) -> Any:
+        try:
+            return await state.run(fn)
+        except Exception as exc:
+            err = to_openai_error(exc, redact=state.redact)
+            if err.status >= 500 and type(exc).__name__ in ("AdapterError", "RouterMismatch", "RouterArtifactError"):
+                err = OpenAIError(400, err.message, param=None, code=type(exc).__name__)
+            raise err from exc
+
+    @app.post("/v1/feedback", dependencies=[Depends(check_auth)])
+    async def give_feedback(body: dict[str, Any]) -> dict[str, Any]:
+        fb = parse_feedback(body, experts=om.expert_names)
+        await state.run(FeedbackLog(feedback_path(om.config)).append, fb)
+        return {"object": "feedback", "id": fb.id, "rating": fb.rating, "expert": fb.expert}
+
+    @app.post("/admin/reload", dependencies=admin)
+    async def reload() -> dict[str, Any]:
+        old = lifecycle.router_version(om.router)
+        new = await change(lambda: lifecycle.reload_router(om))
+        return {"object": "router", "previous": old, "version": lifecycle.router_version(new),
+                "labels": list(new.labels)}
+
+    @app.post("/v1/load_lora_adapter", dependencies=admin)
+    async def load_adapter(req: LoadAdapter) -> PlainTextResponse:
+        def load() -> None:
+            path = lifecycle.check_adapter_path(req.lora_path, lifecycle.adapter_roots(om.config, tuple(adapter_roots)))
+            lifecycle.add_expert(om, lifecycle.spec_for(req.lora_name, path, description=req.description))
+
+        await change(load)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=admin)
+    async def unload_adapter(req: UnloadAdapter) -> PlainTextResponse:
+        await change(lambda: lifecycle.remove_expert(om, req.lora_name))
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
     @app.post("/v1/route", dependencies=[Depends(check_auth)])
     async def route(req: RouteRequest) -> dict[str, Any]:
         texts = [req.input] if isinstance(req.input, str) else req.input

@@ -191,9 +191,11 @@ def create_app(
     settings: ServerSettings | None = None,
     batching: bool = True,
     owns_orchestrator: bool = False,
+    adapter_roots: tuple[Any, ...] = (),
 ) -> FastAPI:
     """Build the ASGI app. ``settings`` default to ``om.config.server``; ``owns_orchestrator``
-    closes ``om`` when the app shuts down. ``batching`` only matters for an orchestrator that
+    closes ``om`` when the app shuts down; ``adapter_roots`` add to the directories
+    ``/v1/load_lora_adapter`` may read. ``batching`` only matters for an orchestrator that
     does not own a batcher itself (build it with ``Orchestrator(config, batching=True)``)."""
     settings = settings or om.config.server
     state = ServerState(om, settings, batching=batching, owns_orchestrator=owns_orchestrator)
@@ -269,8 +271,8 @@ def create_app(
         rule = parse_response_format(getattr(req, "response_format", None))
         work = Work(rid=rid, kind=kind, model=req.model, target=target, messages=normalize_messages(raw_messages),
                     max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                    stop=tuple(req.stop_list), strategy=req.strategy, planner=req.planner, k=req.k,
-                    min_weight=req.min_weight, json=rule)
+                    repetition_penalty=getattr(req, "repetition_penalty", None), stop=tuple(req.stop_list),
+                    strategy=req.strategy, planner=req.planner, k=req.k, min_weight=req.min_weight, json=rule)
         release = state.acquire(work)
         t0 = time.perf_counter()
         endpoint = "chat" if kind == "chat" else "completions"
@@ -322,7 +324,7 @@ def create_app(
 
     from orchestrator.server.admin import install_admin
 
-    install_admin(app, state, check_auth)
+    install_admin(app, state, check_auth, adapter_roots)
     return app
 
 
