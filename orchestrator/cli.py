@@ -312,35 +312,51 @@ def route(
         Optional[Path], typer.Option(help="Router artifact or store (default: the config's).")
     ] = None,
     config: ConfigOpt = None,
+    server: ServerOpt = None,
+    local: LocalOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show which experts a question goes to, with weights and probabilities (as `ask` would route it)."""
-    from experts.prompts import last_user_text, normalize_messages
-    from orchestrator.config import load_config
+    from orchestrator.client import find_server
 
     check_text(question)
-    cfg = load_config(config)
-    text = last_user_text(normalize_messages(question))
+    d: dict[str, Any] | None = None
+    srv = None if router is not None else find_server(server=server, config=config, local=local)
+    if srv is not None:
+        d = srv.route(question, k=k, min_weight=min_weight)
+    if d is None:
+        d = _route_here(question, k=k, min_weight=min_weight, router=router, config=config)
+    keys = ("experts", "abstained", "probabilities", "confidence", "reason")  # the same fields either way
+    res = {"query": question, **{key: d.get(key) for key in keys}}
+    if as_json:
+        echo_json(res)
+        return
+    for e in res["experts"]:
+        typer.echo(f"{e['name']:<14} {e['weight']:6.1%}")
+    if res["abstained"]:
+        typer.echo(f"abstained: {res['reason']} → base model")
+    probs = ", ".join(f"{n}={p:.3f}" for n, p in sorted(res["probabilities"].items(), key=lambda kv: -kv[1]))
+    typer.echo(f"probabilities: {probs}")
+
+
+def _route_here(
+    question: str, *, k: int | None, min_weight: float | None, router: Path | None, config: Path | None
+) -> dict[str, Any]:
+    """In-process routing: the router alone (no language model), with the config's k and min_weight."""
+    from experts.prompts import last_user_text, normalize_messages
     from orchestrator.cli_common import phase
+    from orchestrator.config import load_config
     from orchestrator.routing import Router, check_labels
 
+    cfg = load_config(config)
+    text = last_user_text(normalize_messages(question))
     with phase("router"):
         r = Router.load(router if router is not None else cfg.router.path)
     if router is None:
         check_labels(r, [e.name for e in cfg.experts])
     kk = cfg.router.k if k is None else k
-    res = r.route(
-        text, k=min(kk, len(r.labels)), min_weight=cfg.router.min_weight if min_weight is None else min_weight
-    )
-    if as_json:
-        echo_json({"query": question, **res.to_dict()})
-        return
-    for e in res.experts:
-        typer.echo(f"{e.name:<14} {e.weight:6.1%}")
-    if res.abstained:
-        typer.echo(f"abstained: {res.reason} → base model")
-    probs = ", ".join(f"{n}={p:.3f}" for n, p in sorted(res.probabilities.items(), key=lambda kv: -kv[1]))
-    typer.echo(f"probabilities: {probs}")
+    mw = cfg.router.min_weight if min_weight is None else min_weight
+    return r.route(text, k=min(kk, len(r.labels)), min_weight=mw).to_dict()  # type: ignore[no-any-return]
 
 
 @app.command()
@@ -390,6 +406,7 @@ def _register_optional() -> None:
         ("orchestrator.cli_train", experts_app),
         ("orchestrator.cli_serve", app),
         ("orchestrator.cli_config", app),
+        ("orchestrator.cli_lifecycle", app),
     ):
         try:
             m = importlib.import_module(mod)

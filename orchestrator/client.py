@@ -100,16 +100,33 @@ class Server:
             return False
 
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._post("/v1/chat/completions", body)
+
+    def route(self, question: str, *, k: int | None, min_weight: float | None) -> dict[str, Any] | None:
+        """The server's routing of one question (``POST /v1/route``); ``None`` if the server has no such route."""
+        body: dict[str, Any] = {"input": question}
+        if k is not None:
+            body["k"] = k
+        if min_weight is not None:
+            body["min_weight"] = min_weight
+        out = self._post("/v1/route", body, missing_ok=True)
+        if out is None:
+            return None
+        return out["data"][0]  # type: ignore[no-any-return]
+
+    def _post(self, path: str, body: dict[str, Any], *, missing_ok: bool = False) -> Any:
         import http.client
 
         try:
-            r = self._request("POST", "/v1/chat/completions", body, None)
+            r = self._request("POST", path, body, None)
             raw = r.read()
         except (OSError, http.client.HTTPException) as exc:
             raise ExpertUnavailable(
                 f"server {self.url} failed: {exc}; unset {ENV_SERVER} or pass --local to run in-process",
-                expert=str(body.get("model")),
+                expert=str(body.get("model", "router")),
             ) from exc
+        if missing_ok and r.status in (404, 405):
+            return None
         return _json_or_raise(r.status, raw, self.url)
 
     def stream_chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -127,3 +127,11 @@ def test_named_server_that_is_down_is_one_line(tmp_path: Path) -> None:
     res = _cli("ask", "--server", "http://127.0.0.1:9", Q, home=tmp_path)
     assert res.returncode == 1 and res.stderr.startswith("error: no expertmix server answers")
     assert res.stderr.count("\n") == 1
+
+
+def test_route_through_the_server_equals_in_process(server, om, tmp_path: Path) -> None:
+    res = _cli("route", "--json", "--server", server.url, Q, home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "loaded in" not in res.stderr
+    local = {"query": Q, **json.loads(json.dumps(om.route(Q).to_dict()))}
+    assert json.loads(res.stdout) == local
