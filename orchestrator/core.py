@@ -416,3 +416,23 @@ class Orchestrator:
     def generation_config(self, **overrides: Any) -> GenerationConfig:
         """The decoding settings a request with these overrides gets (every door uses this)."""
         return RequestOptions(**overrides).generation(self.settings)
+
+    # -- live changes (the logic lives in orchestrator/lifecycle.py) ----------------------------------
+    def reload_router(self, path: str | Path | None = None) -> Router:
+        """Load the router again (``path``, else the config's, else the store's current version), check its
+        labels against the experts and swap it in; requests in flight keep the router they started with."""
+        from orchestrator import lifecycle
+
+        return lifecycle.reload_router(self, path)
+
+    def add_expert(self, spec: ExpertSpec) -> None:
+        """Load a local expert's adapter (validated against the base first) and answer as ``spec.name``."""
+        from orchestrator import lifecycle
+
+        lifecycle.add_expert(self, spec)
+
+    def remove_expert(self, name: str) -> None:
+        """Stop answering as ``name``; work already running on it finishes."""
+        from orchestrator import lifecycle
+
+        lifecycle.remove_expert(self, name)
