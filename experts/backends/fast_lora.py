@@ -213,19 +213,23 @@ class FastLora:
         y = layer.base_layer(x)  # plain Linear (GEMM path from cpu_tuning) or quantized
         if kind == "base":
             return y
+        import torch
+
         if kind == "single":
             p = plan[1]
             xa = x.to(p.a_t.dtype) if x.dtype != p.a_t.dtype else x
-            return y + ((xa @ p.a_t) @ p.b_t).to(y.dtype)
-        import torch
-
+            h = xa.reshape(-1, x.shape[-1]) @ p.a_t
+            if y.dtype == p.b_t.dtype:  # y + h @ sBᵀ in one op
+                return torch.addmm(y.reshape(-1, y.shape[-1]), h, p.b_t).reshape(y.shape)
+            return y + (h @ p.b_t).to(y.dtype).reshape(y.shape)
         a, b = plan[1], plan[2]
         if x.shape[0] != a.shape[0]:  # e.g. a caller that reshaped the batch: let peft handle it
             return orig(x, adapter_names=list(call.rows))
         xa = x.to(a.dtype) if x.dtype != a.dtype else x
-        x3 = xa.reshape(x.shape[0], -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(x3, a), b).reshape(*x.shape[:-1], b.shape[-1])
-        return y + delta.to(y.dtype)
+        h = torch.bmm(xa.reshape(x.shape[0], -1, x.shape[-1]), a)
+        if y.dtype == b.dtype:  # y + bmm(h, B_rows) in one op
+            return torch.baddbmm(y.reshape(x.shape[0], -1, y.shape[-1]), h, b).reshape(y.shape)
+        return y + torch.bmm(h, b).to(y.dtype).reshape(y.shape)
 
     # -- merged single-expert weights ----------------------------------------------------------------
     def _merged_weight(self, layer: Any, name: str) -> tuple[torch.Tensor, Any] | None:
@@ -255,8 +259,10 @@ class FastLora:
                     continue
                 base = layer.base_layer
                 w = base.weight.detach()
-                delta = (p.a_t.to(w.dtype) @ p.b_t.to(w.dtype)).t()
-                table[id(layer)] = ((w + delta).contiguous(), base.bias, p.src[0], p.src[1])
+                if not w.dtype.is_floating_point:
+                    continue  # quantized base: keep the LoRA path
+                merged = (w.float() + (p.a_t.float() @ p.b_t.float()).t()).to(w.dtype).contiguous()
+                table[id(layer)] = (merged, base.bias, p.src[0], p.src[1])
             self._merged[name] = table
             while len(self._merged) > self.merged_experts:
                 self._merged.popitem(last=False)
