@@ -234,3 +234,61 @@ def test_route_applies_the_configs_min_weight_like_ask(tmp_path) -> None:
     res = _run("route", "--json", "--config", str(cfg), q)
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)["experts"]) == 2  # k = 2, nothing dropped
+
+
+FAST_LINES = [
+    ["ask", "What is EBITDA?"],
+    ["ask", "q", "--k", "1", "--strategy", "top1", "--json", "--stream", "--min-weight", "0.1"],
+    [
+        "ask",
+        "--max-new-tokens=8",
+        "-k",
+        "3",
+        "q",
+        "--temperature",
+        "0.5",
+        "--seed",
+        "7",
+        "--local",
+        "-c",
+        "x.toml",
+    ],
+    ["route", "q", "--json", "--router", "some/dir", "--server", "http://127.0.0.1:1"],
+    ["generate", "-e", "__base__", "q", "--max-new-tokens", "4"],
+]
+
+
+@pytest.mark.parametrize("argv", FAST_LINES, ids=[" ".join(a) for a in FAST_LINES])
+def test_fast_parser_agrees_with_typer(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer
+
+    from orchestrator.cli import app
+    from orchestrator.cli_fast import parse
+
+    monkeypatch.delenv("EXPERTMIX_SERVER", raising=False)
+    monkeypatch.delenv("EXPERTMIX_MAX_NEW_TOKENS", raising=False)
+    group = typer.main.get_command(app)
+    ctx = group.commands[argv[0]].make_context(argv[0], list(argv[1:]))
+    parsed = parse(argv)
+    assert parsed is not None and parsed[0] == argv[0]
+    assert parsed[1] == ctx.params
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ask", "--help"],
+        ["ask", "q", "--k", "0"],
+        ["ask", "q", "--bogus"],
+        ["ask"],
+        ["ask", "a", "b"],
+        ["ask", "q", "--temperature", "nan"],
+        ["generate", "q"],
+        ["experts", "list"],
+        [],
+    ],
+)
+def test_fast_parser_leaves_anything_unusual_to_typer(argv: list[str]) -> None:
+    from orchestrator.cli_fast import parse
+
+    assert parse(argv) is None
