@@ -4,6 +4,8 @@ Why: torch's CPU ``linear`` (MKL sgemm, ``x @ W.T``) picks a poor kernel for 2-4
 CPUs: the 49152x576 ``lm_head`` of SmolLM2 costs 2-3x more at 2-3 rows than at one, although a
 decode step is bound by reading the weights once. Computing the same product as
 ``(W @ x.T).T`` (MKL sees a tall-skinny GEMM) reads ``W`` once and stays flat from 1 to 4 rows.
+The choice is per phase: prefill (many tokens per row) keeps torch's path, decode steps take the
+transposed form up to the probed number of rows.
 Which form wins, and up to how many rows, depends on the CPU and MKL build, so a short probe
 (~1-3 s) measures both on the model's own shapes and the answer is cached per machine
 (CPU model, cores, torch version, threads) in ``$EXPERTMIX_HOME/cpu_tuning.json``.
@@ -71,11 +73,16 @@ def _machine_key() -> str:
 
 
 def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; as ``(W @ x.T).T`` when x has at most ``max_rows`` rows."""
+    """``F.linear(x, weight, bias)``; as ``(W @ x.T).T`` for a decode step of at most ``max_rows`` rows.
+
+    Per phase: a (batch, seq, in) input with seq > 1 is a prefill and keeps torch's path (bit-identical
+    to plain transformers); a decode step (seq == 1) or a 2-D input of few rows takes the transposed form.
+    """
     import torch.nn.functional as F
 
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows == 0 or rows > max_rows or x.dtype != weight.dtype:
+    prefill = x.dim() >= 3 and x.shape[-2] != 1
+    if prefill or rows == 0 or rows > max_rows or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
     y = (weight @ x2.t()).t()

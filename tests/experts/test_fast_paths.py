@@ -95,7 +95,7 @@ def test_small_rows_linear_equals_linear() -> None:
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(300, 64, generator=g), torch.randn(300, generator=g)
-    for shape in [(1, 64), (2, 1, 64), (3, 1, 64), (4, 64), (2, 5, 64)]:
+    for shape in [(1, 64), (2, 1, 64), (3, 1, 64), (4, 64), (2, 5, 64), (1, 3, 64)]:
         x = torch.randn(*shape, generator=g)
         torch.testing.assert_close(small_rows_linear(x, w, b, 4), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
