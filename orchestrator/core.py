@@ -297,6 +297,7 @@ class Orchestrator:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         min_weight: float | None = None,
+        repetition_penalty: float | None = None,
         cancel: CancelToken | None = None,
     ) -> Answer:
         """Plan, route, run the experts, merge. A failing expert never raises out of here; only
@@ -304,7 +305,8 @@ class Orchestrator:
         failing (:class:`~expertmix.errors.AllExpertsFailed`) does."""
         opts = RequestOptions(k=k, strategy=strategy, planner=planner, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=seed,
-                              stop=tuple(stop) if isinstance(stop, list) else stop, min_weight=min_weight)
+                              stop=tuple(stop) if isinstance(stop, list) else stop, min_weight=min_weight,
+                              repetition_penalty=repetition_penalty)
         job = self._begin(query, opts, cancel)
         if self._abstains(job):
             return self._abstain(job)
@@ -332,13 +334,15 @@ class Orchestrator:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         min_weight: float | None = None,
+        repetition_penalty: float | None = None,
         cancel: CancelToken | None = None,
     ) -> Iterator[str | Answer]:
         """Yield the answer's text chunks as they are decoded, then the final :class:`Answer`.
         Closing the iterator early cancels the work still running."""
         opts = RequestOptions(k=k, strategy=strategy, planner=planner, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=seed,
-                              stop=tuple(stop) if isinstance(stop, list) else stop, min_weight=min_weight)
+                              stop=tuple(stop) if isinstance(stop, list) else stop, min_weight=min_weight,
+                              repetition_penalty=repetition_penalty)
         own = CancelToken(parent=cancel)
         job = self._begin(query, opts, own)
         try:
@@ -392,11 +396,13 @@ class Orchestrator:
 
     def generate(self, expert: str, query: Query, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: Sequence[str] | str | None = None, cancel: CancelToken | None = None) -> Generation:
+                 stop: Sequence[str] | str | None = None, repetition_penalty: float | None = None,
+                 cancel: CancelToken | None = None) -> Generation:
         """Ask one named expert directly (``__base__`` = the base model), with the same decoding
         settings as ``ask``. Errors propagate, typed."""
         opts = RequestOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              stop=tuple(stop) if isinstance(stop, list) else stop)
+                              stop=tuple(stop) if isinstance(stop, list) else stop,
+                              repetition_penalty=repetition_penalty)
         gen = opts.generation(self.settings)
         messages, _ = self._prepare(query, gen)
         self.pool.backend_for(expert)
@@ -404,10 +410,12 @@ class Orchestrator:
 
     def generate_stream(self, expert: str, query: Query, *, max_new_tokens: int | None = None,
                         temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                        stop: Sequence[str] | str | None = None, cancel: CancelToken | None = None) -> Iterator[str]:
+                        stop: Sequence[str] | str | None = None, repetition_penalty: float | None = None,
+                        cancel: CancelToken | None = None) -> Iterator[str]:
         """Stream one named expert's answer directly; closing the iterator cancels the work."""
         opts = RequestOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              stop=tuple(stop) if isinstance(stop, list) else stop)
+                              stop=tuple(stop) if isinstance(stop, list) else stop,
+                              repetition_penalty=repetition_penalty)
         gen = opts.generation(self.settings)
         messages, _ = self._prepare(query, gen)
         self.pool.backend_for(expert)

@@ -39,6 +39,8 @@ class RequestOptions:
     seed: int | None = None
     stop: tuple[str, ...] | list[str] | str | None = None
     min_weight: float | None = None
+    #: vLLM's sampling extension (>1 discourages repeats); None = the config's ``repetition_penalty``
+    repetition_penalty: float | None = None
 
     def __post_init__(self) -> None:
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= 16):
@@ -64,7 +66,8 @@ class RequestOptions:
             top_p=self.top_p if self.top_p is not None else 1.0,
             stop=tuple(self.stop or ()),
             seed=self.seed,
-            repetition_penalty=settings.repetition_penalty,
+            repetition_penalty=(self.repetition_penalty if self.repetition_penalty is not None
+                                else settings.repetition_penalty),
         )
 
     def merged(self, **overrides: object) -> RequestOptions:

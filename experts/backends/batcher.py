@@ -104,15 +104,14 @@ class DynamicBatcher:
             raise ExpertUnavailable("the batcher is shut down")
         job = _Job(list(requests), config, cancel)
         self._queue.put(job)
-        while True:
-            try:
-                return job.future.result(timeout=0.05)
-            except cf.TimeoutError:
-                if cancel is not None and cancel.cancelled:
-                    # a queued job is dropped by the worker; a running one stops its rows at the next step
-                    raise cancel.error(expert=requests[0][0] if len(requests) == 1 else None, what="generation") from None
-                if not self._worker.is_alive() and not job.future.done():
-                    raise ExpertUnavailable("the batcher stopped") from None
+        # wait on the future, not on result(timeout): an ExpertTimeout result is a TimeoutError too
+        while not cf.wait([job.future], timeout=0.05).done:
+            if cancel is not None and cancel.cancelled:
+                # a queued job is dropped by the worker; a running one stops its rows at the next step
+                raise cancel.error(expert=requests[0][0] if len(requests) == 1 else None, what="generation")
+            if not self._worker.is_alive() and not job.future.done():
+                raise ExpertUnavailable("the batcher stopped")
+        return job.future.result()
 
     def stream(
         self, expert: str, messages: list[Message], config: GenerationConfig, *, cancel: CancelToken | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,7 +25,7 @@ from expertmix.errors import AdapterError, InputError, UnknownExpert
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LocalBackend", "validate_adapter_dir"]
+__all__ = ["MAX_LORA_RANK", "LocalBackend", "validate_adapter_dir", "verify_adapter_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,47 @@ def validate_adapter_dir(path: Path, *, expert: str) -> dict[str, Any]:
         raise AdapterError(f"expert {expert!r}: {cfg_path} is not valid JSON: {exc}", expert=expert) from exc
     if cfg.get("peft_type") not in ("LORA", None):
         raise AdapterError(f"expert {expert!r}: only LoRA adapters are supported, got {cfg.get('peft_type')}", expert=expert)
+    r = cfg.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_LORA_RANK:
+        raise AdapterError(f"expert {expert!r}: {cfg_path}: LoRA rank r={r!r} must be an integer in [1, {MAX_LORA_RANK}]",
+                           expert=expert)
     return cfg
+
+
+#: largest LoRA rank accepted (bounds memory per adapter; vLLM's --max-lora-rank plays the same role)
+MAX_LORA_RANK = 256
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?:A|B|embedding_A|embedding_B)(?:\.[^.]+)?\.weight$")
+
+
+def verify_adapter_weights(path: Path, model: Any, *, expert: str) -> int:
+    """Check an adapter's safetensors against the base before it is attached: the file is readable and
+    every LoRA tensor names a module of the base (else the expert would load as a silent no-op).
+    Returns the number of LoRA tensors."""
+    f = path / "adapter_model.safetensors"
+    if not f.is_file():
+        return 0  # a legacy .bin adapter: peft checks it while loading
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: one typed error with the path
+        raise AdapterError(f"expert {expert!r}: {f} is not a readable safetensors file "
+                           f"(truncated or corrupted? {type(exc).__name__}: {str(exc)[:120]})", expert=expert) from exc
+    modules = {name for name, _ in model.named_modules()}
+    # a PeftModel wraps the base: its module names carry a "base_model.model." prefix
+    stripped = {m.removeprefix("base_model.model.") for m in modules}
+    lora = [m.group("module") for k in keys if (m := _LORA_KEY.match(k))]
+    if not lora:
+        raise AdapterError(f"expert {expert!r}: {f} holds no LoRA tensors (lora_A / lora_B)", expert=expert)
+    unknown = sorted({m for m in lora if m not in stripped})
+    if unknown:
+        raise AdapterError(
+            f"expert {expert!r}: {len(unknown)} LoRA tensor(s) in {f} name modules the base model does not have "
+            f"(e.g. {unknown[0]!r}); the adapter was trained for another architecture",
+            expert=expert,
+        )
+    return len(lora)
 
 
 class LocalBackend:
@@ -94,6 +135,7 @@ class LocalBackend:
 
         assert spec.adapter is not None
         validate_adapter_dir(spec.adapter, expert=spec.name)
+        verify_adapter_weights(spec.adapter, self.model, expert=spec.name)
         try:
             with warnings.catch_warnings():
                 # a transformers 5 deprecation raised inside peft; nothing for our users to act on

@@ -148,18 +148,18 @@ class OpenAIBackend:
             coro.close()
             raise ExpertUnavailable(f"backend for {self.base_url} is closed")
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        while True:
-            try:
-                return fut.result(timeout=0.05 if cancel is not None else None)
-            except cf.TimeoutError:
-                if cancel is not None and cancel.cancelled:
-                    fut.cancel()
-                    raise cancel.error(what=what) from None
-                if self._closed:
-                    fut.cancel()
-                    raise ExpertUnavailable(f"backend for {self.base_url} was closed") from None
-            except cf.CancelledError:
-                raise ExpertUnavailable(f"{what} on {self.base_url} was cancelled (backend closing)") from None
+        # wait on the future, not on result(timeout): ExpertTimeout is a TimeoutError too
+        while not cf.wait([fut], timeout=0.05).done:
+            if cancel is not None and cancel.cancelled:
+                fut.cancel()
+                raise cancel.error(what=what)
+            if self._closed:
+                fut.cancel()
+                raise ExpertUnavailable(f"backend for {self.base_url} was closed")
+        try:
+            return fut.result()
+        except cf.CancelledError:
+            raise ExpertUnavailable(f"{what} on {self.base_url} was cancelled (backend closing)") from None
 
     def expert_names(self) -> list[str]:
         return list(self.specs)

@@ -17,7 +17,7 @@ from orchestrator.routing import Routing
 __all__ = ["Segment", "candidate_spans"]
 
 # a sentence ends at . ? ! (not inside "e.g." / numbers) followed by space and a capital, digit or quote
-_SENTENCE = re.compile(r"(?<=[?!])\s+|(?<=[a-z0-9)\]][.])\s+(?=[A-Z0-9\"'(“])")
+_SENTENCE = re.compile(r"(?<=[?!])\s+|(?<=[a-z0-9)\]`'\"][.])\s+(?=[A-Z0-9\"'(“`])")
 # list items at line starts, or inline "(1) … (2) …" / "1) … 2) …"
 _LIST = re.compile(r"(?:^|\n)\s*(?:[-*•]|\d{1,2}[.)])\s+|(?:^|\s)\(\d{1,2}\)\s+|(?<=[\s:;,])\d{1,2}\)\s+")
 _NEW_REQUEST = (
@@ -25,28 +25,40 @@ _NEW_REQUEST = (
     r"write|draft|give|list|explain|describe|tell|help|create|design|suggest|outline|propose|estimate|"
     r"calculate|compute|build|plan|define|recommend|show|make|implement|prepare"
 )
-# ", and what …" / "; also write …" / " and then how …" / "? Also, …"
+# "…; and …" / "…, and …" / "…, also …" / " and what …" (a coordinator that starts a new request)
 _CLAUSE = re.compile(
-    r"(?:\s*[,;]\s*|\s+)(?:and|but|also|plus|then|and then|and also)\s*,?\s+(?=(?:" + _NEW_REQUEST + r")\b)"
-    r"|\s*;\s+"
-    r"|\s*,\s+(?=(?:what|how|which|who|why|when|where)\s)",
+    r"\s*;\s+(?:and\s+|also\s+|then\s+)?"
+    r"|\s*,\s+(?:and|also|plus|and also|and then)\s*,?\s+"
+    r"|\s+(?:and|but|also|plus|then|and then|and also)\s*,?\s+(?=(?:" + _NEW_REQUEST + r")\b)"
+    r"|\s*,\s+(?=(?:what|how|which|who|why|when|where|write|draft|create|give|list|explain|describe|"
+    r"suggest|outline|propose|estimate|calculate|compute|design|define|recommend|implement|prepare)\s)",
     re.IGNORECASE,
 )
 _REQUEST = re.compile(r"^(?:please\s+)?(?:" + _NEW_REQUEST + r")\b", re.IGNORECASE)
+# "Two things:" / "Please help with the following:" before the first part
+_COLON = re.compile(r"(?<=:)\s+")
 _LEAD = re.compile(
-    r"^\s*(?:and|also|plus|additionally|finally|separately|then|lastly|first(?:ly)?|second(?:ly)?|third(?:ly)?|"
-    r"next|moreover|furthermore|as well)\b[,:]?\s*",
+    r"^\s*(?:and finally|and also|and then|and|also|plus|additionally|finally|separately|then|lastly|"
+    r"first(?:ly)?|second(?:ly)?|third(?:ly)?|next|moreover|furthermore|as well)\b[,:]?\s*",
     re.IGNORECASE,
 )
-_PREAMBLE = re.compile(r"^\s*(?:two|three|four|a few|several|some|[0-9]+)\s+(?:things|questions|parts|topics)\s*[:.]\s*$",
-                       re.IGNORECASE)
+_PREAMBLE = re.compile(
+    r"^\s*(?:(?:i have|here are|i've got)\s+)?(?:two|three|four|five|a few|several|some|a couple of|[0-9]+)\s+"
+    r"(?:things|questions|parts|topics|requests|items)\b[^?]*[:.]?\s*$"
+    r"|^\s*(?:(?:could|can|would) you\s+(?:please\s+)?|please\s+)?(?:answer|help(?: me)? with|look at|address)\s+"
+    r"(?:these|the following|this|a few things|all of these)\b\W*$",
+    re.IGNORECASE,
+)
+# a statement that sets context rather than asks ("We sell in Europe.", "I need it in Python.")
+_CONTEXT = re.compile(r"^\s*(?:i|we|our|my|it|this|that|they|these|those|there|us|the company|the team)\b",
+                      re.IGNORECASE)
 MIN_WORDS = 3
 
 
 def _cuts(text: str) -> list[tuple[int, int]]:
     """Cut points as (end of the left piece, start of the right piece)."""
     cuts: list[tuple[int, int]] = []
-    for rx in (_SENTENCE, _LIST, _CLAUSE):
+    for rx in (_SENTENCE, _LIST, _CLAUSE, _COLON):
         for m in rx.finditer(text):
             if 0 < m.start() and m.end() < len(text):
                 cuts.append((m.start(), m.end()))
@@ -75,7 +87,9 @@ def candidate_spans(text: str) -> list[tuple[int, int]]:
     for a, b in spans:
         piece = text[a:b]
         lead = _LEAD.match(piece)
-        if lead and lead.end() < len(piece):
+        if lead and lead.end() >= len(piece.rstrip(" ,:;")):
+            continue  # only a connector ("Second,"): not a part
+        if lead:
             a += lead.end()
         while a < b and text[a].isspace():
             a += 1
@@ -91,8 +105,8 @@ def _words(s: str) -> int:
 
 
 def _is_request(s: str) -> bool:
-    """A question or an instruction; other sentences ("We sell in Europe.") are context."""
-    return s.rstrip().endswith("?") or bool(_REQUEST.match(s))
+    """A question or an instruction; statements like "We sell in Europe." are context."""
+    return s.rstrip().endswith("?") or bool(_REQUEST.match(s)) or not _CONTEXT.match(s)
 
 
 def _absorb_short(spans: list[tuple[int, int]], text: str) -> list[tuple[int, int]]:

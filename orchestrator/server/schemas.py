@@ -103,6 +103,8 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    #: vLLM's sampling extension, accepted as vLLM does (expertmix's remote backend sends it)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10, allow_inf_nan=False)
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None

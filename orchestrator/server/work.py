@@ -40,6 +40,7 @@ class Work:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    repetition_penalty: float | None = None
     stop: tuple[str, ...] = ()
     strategy: str | None = None
     planner: str | None = None
@@ -70,7 +71,7 @@ class Result:
 def _ask_kwargs(work: Work, temperature: float | None, seed: int | None) -> dict[str, Any]:
     return dict(k=work.k, strategy=work.strategy, planner=work.planner, max_new_tokens=work.max_tokens,
                 temperature=temperature, top_p=work.top_p, seed=seed, stop=work.stop or None,
-                min_weight=work.min_weight, cancel=work.cancel)
+                min_weight=work.min_weight, repetition_penalty=work.repetition_penalty, cancel=work.cancel)
 
 
 def answer_extra(state: ServerState, answer: Answer, rid: str) -> dict[str, Any]:
@@ -102,7 +103,8 @@ def _orchestrated(state: ServerState, work: Work, messages: list[dict[str, str]]
 def _direct(state: ServerState, work: Work, messages: list[dict[str, str]], temperature: float | None,
             seed: int | None) -> Result:
     g = state.om.generate(work.target, messages, max_new_tokens=work.max_tokens, temperature=temperature,
-                          top_p=work.top_p, seed=seed, stop=work.stop or None, cancel=work.cancel)
+                          top_p=work.top_p, seed=seed, stop=work.stop or None,
+                          repetition_penalty=work.repetition_penalty, cancel=work.cancel)
     work.cancel.raise_if_cancelled(expert=work.target, what="the request")
     state.metrics.observe_tokens(work.target, g.prompt_tokens, g.tokens)
     text, cut = StopCut.apply(g.text, work.stop)
@@ -159,7 +161,8 @@ def stream_source(state: ServerState, work: Work) -> Iterator[str | Result]:
 def _direct_stream(state: ServerState, work: Work) -> Iterator[str | Result]:
     it = state.om.generate_stream(work.target, work.messages, max_new_tokens=work.max_tokens,
                                   temperature=work.temperature, top_p=work.top_p, seed=work.seed,
-                                  stop=work.stop or None, cancel=work.cancel)
+                                  stop=work.stop or None, repetition_penalty=work.repetition_penalty,
+                                  cancel=work.cancel)
     parts: list[str] = []
     try:
         for piece in it:
