@@ -48,6 +48,10 @@ def test_help_imports_no_torch() -> None:
         ["router", "eval"],
         ["router", "promote"],
         ["serve"],
+        ["config"],
+        ["config", "show"],
+        ["config", "validate"],
+        ["config", "schema"],
     ],
 )
 def test_every_command_has_help(cmd: list[str]) -> None:
