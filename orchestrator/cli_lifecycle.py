@@ -10,7 +10,7 @@ server, or appends to the feedback log when none runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -18,8 +18,8 @@ from orchestrator.cli_common import echo_json, handle_errors
 
 __all__ = ["add_expert_to_file", "register", "remove_expert_from_file"]
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="expertmix.toml to use.")]
-ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running expertmix serve.",
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="expertmix.toml to use.")]
+ServerOpt = Annotated[str | None, typer.Option("--server", help="URL of a running expertmix serve.",
                                                   envvar="EXPERTMIX_SERVER")]
 
 
@@ -72,9 +72,9 @@ def add_expert_to_file(path: Path, *, name: str, adapter: Path, description: str
     """Append an ``[[experts]]`` table; returns the adapter directory as resolved. Validates first."""
     import tomlkit
 
+    from expertmix.errors import ConfigError
     from experts.backends.local import validate_adapter_dir
     from experts.registry import name_problem
-    from expertmix.errors import ConfigError
 
     _refuse_shipped(path)
     problem = name_problem(name)
@@ -180,13 +180,13 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def feedback(
         answer_id: Annotated[str, typer.Argument(help="The answer's id (printed by ask; the response 'id').")],
-        good: Annotated[Optional[bool], typer.Option("--good/--bad", help="Was the answer good?")] = None,
-        expert: Annotated[Optional[str], typer.Option("--expert", help="The department that should have answered.")]
+        good: Annotated[bool | None, typer.Option("--good/--bad", help="Was the answer good?")] = None,
+        expert: Annotated[str | None, typer.Option("--expert", help="The department that should have answered.")]
         = None,
-        text: Annotated[Optional[str], typer.Option("--text", help="The question (needed to learn from a "
+        text: Annotated[str | None, typer.Option("--text", help="The question (needed to learn from a "
                                                                   "correction unless the answer log keeps text).")]
         = None,
-        comment: Annotated[Optional[str], typer.Option("--comment", help="Free text.")] = None,
+        comment: Annotated[str | None, typer.Option("--comment", help="Free text.")] = None,
         config: ConfigOpt = None,
         server: ServerOpt = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,

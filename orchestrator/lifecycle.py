@@ -17,14 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experts.registry import BASE_EXPERT, ExpertSpec, name_problem
 from expertmix.errors import AdapterError, ExpertError, InputError, UnknownExpert
+from experts.registry import BASE_EXPERT, ExpertSpec, name_problem
 
 if TYPE_CHECKING:
     from orchestrator.core import Orchestrator
     from orchestrator.routing import Router
 
-__all__ = ["add_expert", "adapter_roots", "check_adapter_path", "remove_expert", "reload_router", "router_version"]
+__all__ = ["adapter_roots", "add_expert", "check_adapter_path", "reload_router", "remove_expert", "router_version"]
 
 _lock = threading.Lock()  # one change at a time (changes are rare; requests never take it)
 

@@ -14,12 +14,14 @@ adapters, ``EXPERTMIX_ADAPTER_ROOTS``): no reading arbitrary files.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator import lifecycle
+from orchestrator.feedback import FeedbackLog, feedback_path, parse_feedback
 from orchestrator.server.errors import to_openai_error
 from orchestrator.server.schemas import OpenAIError
 
@@ -35,7 +37,7 @@ MAX_ROUTE_INPUTS = 64
 class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: Union[str, list[str]]
+    input: str | list[str]
     k: int | None = Field(default=None, ge=1)
     min_weight: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False)
     planner: str | None = None
@@ -58,26 +60,16 @@ class UnloadAdapter(BaseModel):
 
 def _route_one(state: ServerState, text: str, req: RouteRequest) -> dict[str, Any]:
     om = state.om
+    version = lifecycle.router_version(om.router)
     routing = om.route(text, k=req.k, min_weight=req.min_weight)
-    from orchestrator.lifecycle import router_version
-
-    out: dict[str, Any] = {"input": text, **routing.to_dict(), "router_version": router_version(om.router)}
-    plan = getattr(om, "plan", None)
-    if plan is not None and (req.planner or getattr(om.settings, "planner", "none") != "none"):
-        try:
-            p = plan(text, planner=req.planner, k=req.k, min_weight=req.min_weight)
-        except TypeError:
-            p = None
-        if p is not None and hasattr(p, "to_dict"):
-            out["plan"] = p.to_dict()
+    out: dict[str, Any] = {"input": text, **routing.to_dict(), "router_version": version}
+    if req.planner or om.settings.planner != "none":  # the parts a request would be split into
+        out["plan"] = om.plan(text, planner=req.planner, k=req.k, min_weight=req.min_weight).to_dict()
     return out
 
 
 def install_admin(app: FastAPI, state: ServerState, check_auth: Callable[..., None],
                   adapter_roots: tuple[Any, ...] = ()) -> None:
-    from orchestrator import lifecycle
-    from orchestrator.feedback import FeedbackLog, feedback_path, parse_feedback
-
     om = state.om
 
     def needs_key() -> None:
@@ -105,7 +97,7 @@ def install_admin(app: FastAPI, state: ServerState, check_auth: Callable[..., No
     @app.post("/admin/reload", dependencies=admin)
     async def reload() -> dict[str, Any]:
         old = lifecycle.router_version(om.router)
-        new = await change(lambda: lifecycle.reload_router(om))
+        new = await change(om.reload_router)
         return {"object": "router", "previous": old, "version": lifecycle.router_version(new),
                 "labels": list(new.labels)}
 
@@ -113,14 +105,14 @@ def install_admin(app: FastAPI, state: ServerState, check_auth: Callable[..., No
     async def load_adapter(req: LoadAdapter) -> PlainTextResponse:
         def load() -> None:
             path = lifecycle.check_adapter_path(req.lora_path, lifecycle.adapter_roots(om.config, tuple(adapter_roots)))
-            lifecycle.add_expert(om, lifecycle.spec_for(req.lora_name, path, description=req.description))
+            om.add_expert(lifecycle.spec_for(req.lora_name, path, description=req.description))
 
         await change(load)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", dependencies=admin)
     async def unload_adapter(req: UnloadAdapter) -> PlainTextResponse:
-        await change(lambda: lifecycle.remove_expert(om, req.lora_name))
+        await change(lambda: om.remove_expert(req.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @app.post("/v1/route", dependencies=[Depends(check_auth)])

@@ -20,8 +20,8 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 KEY = "fault-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -79,10 +79,9 @@ def server(remotes, random_adapters: dict[str, Path]):
         orchestrator=OrchestratorSettings(max_new_tokens=4, expert_timeout_s=120, strategy="top1"),
         server=ServerSettings(api_key=KEY, max_queue=256, max_tokens_limit=512),
     )
-    with Orchestrator(config, router=Router.load(), batching=True) as om:
-        with BackgroundServer(create_app(om)) as srv:
-            srv.remote_urls = remotes  # type: ignore[attr-defined]
-            yield srv
+    with Orchestrator(config, router=Router.load(), batching=True) as om, BackgroundServer(create_app(om)) as srv:
+        srv.remote_urls = remotes  # type: ignore[attr-defined]
+        yield srv
 
 
 def _hidden(srv, text: str) -> None:

@@ -17,10 +17,10 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from srvutil import KEY, Q_ENG, Q_FIN, Q_PROD  # noqa: E402
-from srvutil import err as _err  # noqa: E402
-from srvutil import metric as _metric  # noqa: E402
-from srvutil import msgs as _msgs  # noqa: E402
+from srvutil import KEY, Q_ENG, Q_FIN, Q_PROD
+from srvutil import err as _err
+from srvutil import metric as _metric
+from srvutil import msgs as _msgs
 
 
 def _reference(om, expert: str, q: str, n: int) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from srvutil import AUTH, KEY, Q_ENG, Q_FIN, err, msgs  # noqa: E402
+from srvutil import AUTH, KEY, Q_ENG, Q_FIN, err, msgs
 
 
 def _post(server, path: str, body: dict, **kw) -> httpx.Response:
@@ -69,7 +69,7 @@ def test_load_and_unload_lora_adapter(server, om, random_adapters, tmp_path: Pat
     root = tmp_path / "adapters"
     shutil.copytree(random_adapters["finance"], root / "legal")
     monkeypatch.setenv("EXPERTMIX_ADAPTER_ROOTS", str(root))
-    models = lambda: {m["id"] for m in httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"]}  # noqa: E731
+    models = lambda: {m["id"] for m in httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"]}
 
     outside = tmp_path / "elsewhere"
     shutil.copytree(random_adapters["product"], outside)
