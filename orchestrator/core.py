@@ -15,12 +15,12 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
+from expertmix.errors import AllExpertsFailed, ConfigError
 from experts.backends.base import Backend, CancelToken, Generation, GenerationConfig
 from experts.prompts import Message, Query, last_user_text, normalize_messages
 from experts.registry import BASE_EXPERT, ExpertSpec
-from expertmix.errors import AllExpertsFailed, ConfigError
 from orchestrator.config import ExpertmixConfig, load_config
 from orchestrator.execution import ExpertPool
 from orchestrator.merge import get_strategy
@@ -141,13 +141,13 @@ class Orchestrator:
         return cls(load_config(path), **kwargs)
 
     # -- lifetime ---------------------------------------------------------------------------------------
-    def __enter__(self) -> Orchestrator:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aenter__(self) -> Orchestrator:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from expertmix.errors import ExpertmixError, ExpertTimeout, ExpertUnavailable, UnknownExpert
 from experts.backends.base import Backend, CancelToken, Generation, GenerationConfig, LocalWeights
 from experts.prompts import Message
 from experts.registry import BASE_EXPERT
-from expertmix.errors import ExpertmixError, ExpertTimeout, ExpertUnavailable, UnknownExpert
 from orchestrator.trace import Contribution
 
 __all__ = ["ExpertPool", "Outcome"]
@@ -165,7 +165,7 @@ class ExpertPool:
                  outcomes: list[Outcome | None], elapsed: float) -> None:
         try:
             gens = fut.result()
-        except BaseException as exc:  # noqa: BLE001 - the fault policy: record, never raise
+        except BaseException as exc:
             if not isinstance(exc, ExpertmixError):
                 logger.warning("expert batch %s failed", [requests[i][0] for i in idx], exc_info=exc)
             typed = exc if isinstance(exc, ExpertmixError) else None
@@ -192,7 +192,7 @@ class ExpertPool:
         t0 = time.perf_counter()
         try:
             g = fn(token)
-        except BaseException as exc:  # noqa: BLE001 - the fault policy
+        except BaseException as exc:
             if not isinstance(exc, ExpertmixError):
                 logger.warning("%s failed", label, exc_info=exc)
             typed = exc if isinstance(exc, ExpertmixError) else None
@@ -237,7 +237,7 @@ class ExpertPool:
                     seen.add(id(b))
                     try:
                         b.close()
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         logger.debug("closing backend failed", exc_info=True)
 
 

@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from experts.backends.base import GenerationConfig
 from expertmix.errors import InputError
+from experts.backends.base import GenerationConfig
 
 if TYPE_CHECKING:
     from orchestrator.config import OrchestratorSettings

@@ -89,40 +89,6 @@ def _free_port() -> int:
 
 
 class FaultServer:
-    def __init__(self, modes: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.proc = subprocess.Popen([sys.executable, "-c", FAULT_SERVER, json.dumps(modes), str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"fault server did not start: {self.proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.1)
-
-    def calls(self) -> dict[str, int]:
-        return httpx.get(self.url.removesuffix("/v1") + "/stats", timeout=5).json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class FaultServer:
     def __init__(self, modes: dict[str, str], *, models_mode: str = "ok") -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"

@@ -9,10 +9,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from experts.prompts import Message
 from expertmix.errors import ExpertTimeout, InputError, RequestCancelled
+from experts.prompts import Message
 
-__all__ = ["Backend", "CancelToken", "Generation", "GenerationConfig", "LocalWeights", "MAX_SEED", "MAX_STOP"]
+__all__ = ["MAX_SEED", "MAX_STOP", "Backend", "CancelToken", "Generation", "GenerationConfig", "LocalWeights"]
 
 #: request limits shared by every door (CLI, Python API, server): work outside them is refused up front
 MAX_STOP = 16

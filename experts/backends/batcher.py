@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from expertmix.errors import ExpertmixError, ExpertUnavailable, InputError
 from experts.backends.base import CancelToken, Generation, GenerationConfig
 from experts.prompts import Message
-from expertmix.errors import ExpertmixError, ExpertUnavailable, InputError
 
 if TYPE_CHECKING:
     from experts.backends.local import LocalBackend
@@ -177,7 +177,7 @@ class DynamicBatcher:
                 batch = [j for j in self._collect(job) if not _abandoned(j)]
                 if batch:
                     self._run(batch)
-        except BaseException:  # noqa: BLE001 - never die silently with callers waiting
+        except BaseException:
             logger.exception("the batcher worker failed")
             self._closed.set()
         err = ExpertUnavailable("the batcher is shut down")
@@ -205,7 +205,7 @@ class DynamicBatcher:
         if self.on_batch is not None:
             try:
                 self.on_batch(len(rows), len(batch), waited)
-            except Exception:  # noqa: BLE001 - metrics must not break serving
+            except Exception:
                 logger.debug("on_batch callback failed", exc_info=True)
         i = 0
         for j in batch:

@@ -16,11 +16,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from expertmix.errors import AdapterError, InputError, UnknownExpert
 from experts.backends.base import CancelToken, Generation, GenerationConfig
 from experts.models import BaseModel, load_base
 from experts.prompts import Message
 from experts.registry import BASE_EXPERT, BaseSpec, ExpertSpec
-from expertmix.errors import AdapterError, InputError, UnknownExpert
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ def verify_adapter_weights(path: Path, model: Any, *, expert: str) -> int:
 
         with safe_open(str(f), framework="pt") as fh:
             keys = list(fh.keys())
-    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: one typed error with the path
+    except Exception as exc:
         raise AdapterError(f"expert {expert!r}: {f} is not a readable safetensors file "
                            f"(truncated or corrupted? {type(exc).__name__}: {str(exc)[:120]})", expert=expert) from exc
     modules = {name for name, _ in model.named_modules()}

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from expertmix.errors import StrategyError
 from experts.backends.base import CancelToken, Generation, GenerationConfig
 from experts.backends.local import _cancel_criteria
 from experts.prompts import Message
-from expertmix.errors import StrategyError
 
 if TYPE_CHECKING:
     import torch

@@ -43,10 +43,10 @@ from typing import Any, TypeVar
 
 import httpx
 
+from expertmix.errors import ExpertError, ExpertTimeout, ExpertUnavailable, InputError, UnknownExpert
 from experts.backends.base import CancelToken, Generation, GenerationConfig
 from experts.prompts import Message
 from experts.registry import BASE_EXPERT, ExpertSpec
-from expertmix.errors import ExpertError, ExpertTimeout, ExpertUnavailable, InputError, UnknownExpert
 
 __all__ = ["OpenAIBackend"]
 
@@ -230,7 +230,7 @@ class OpenAIBackend:
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=5)
-        except Exception:  # noqa: BLE001 - best effort on shutdown
+        except Exception:
             logger.debug("closing http client failed", exc_info=True)
         self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -339,7 +339,7 @@ class OpenAIBackend:
             try:
                 async with self._sem:
                     return await asyncio.wait_for(attempt_fn(left), timeout=left)
-            except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+            except (TimeoutError, httpx.TimeoutException) as exc:
                 if isinstance(exc, httpx.PoolTimeout):
                     last = ExpertUnavailable(f"{self.base_url}: connection pool exhausted", expert=expert)
                     continue
@@ -433,7 +433,7 @@ class OpenAIBackend:
                     line = await asyncio.wait_for(anext(lines), timeout=left)
                 except StopAsyncIteration:
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise ExpertTimeout(f"{self.base_url}: answer not finished within {budget:g} s", expert=expert) from None
                 except httpx.HTTPError as exc:
                     raise ExpertUnavailable(f"{self.base_url}: stream broke: {type(exc).__name__}: {exc}", expert=expert) from exc

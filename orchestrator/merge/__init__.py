@@ -12,14 +12,14 @@
 
 from __future__ import annotations
 
-from orchestrator.merge.base import MergeContext, MergeResult, MergeStrategy
 from expertmix.errors import StrategyError
+from orchestrator.merge.base import MergeContext, MergeResult, MergeStrategy
 
 __all__ = [
+    "STRATEGIES",
     "MergeContext",
     "MergeResult",
     "MergeStrategy",
-    "STRATEGIES",
     "get_strategy",
     "register_strategy",
     "strategy_names",

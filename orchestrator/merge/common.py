@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
+from expertmix.errors import StrategyError
 from orchestrator.execution import Outcome
 from orchestrator.merge.base import MergeContext, MergeResult
 from orchestrator.trace import Contribution
-from expertmix.errors import StrategyError
 
 __all__ = ["failed_result", "finish_of", "renormalize", "require_local", "run_weighted"]
 

@@ -17,7 +17,7 @@ from typing import Any
 from orchestrator.planning.base import Part, Plan, PlanContext
 from orchestrator.planning.segment import Segment
 
-__all__ = ["LLMPlanner", "PLAN_PROMPT", "parse_plan"]
+__all__ = ["PLAN_PROMPT", "LLMPlanner", "parse_plan"]
 
 PLAN_PROMPT = """Split the request below into independent parts, one per department that must answer it.
 Departments: {experts}.
@@ -27,7 +27,7 @@ A request about one thing is one part.
 Request: {question}"""
 
 _WORD = re.compile(r"[a-z0-9]+")
-_STOP = frozenset("a an the and or of to for in on with is are be we our i you it this that what how do does".split())
+_STOP = frozenset(["a", "an", "the", "and", "or", "of", "to", "for", "in", "on", "with", "is", "are", "be", "we", "our", "i", "you", "it", "this", "that", "what", "how", "do", "does"])
 
 
 def _content(s: str) -> set[str]:

@@ -37,6 +37,12 @@ class Metrics:
         self.abstentions = Counter("expertmix_abstentions", "Queries the router abstained on (the base model answered).",
                                    registry=r)
         self.fallbacks = Counter("expertmix_fallbacks", "Answers given by the base model, by reason.", ["reason"], registry=r)
+        self.events = Counter("expertmix_answer_events", "Answer events, e.g. synthesis_guard (the aggregator wrote "
+                              "about the experts; the parts were joined as sections instead).", ["event"], registry=r)
+        self.strategies = Counter("expertmix_strategy_runs", "Strategy that ran per answer (auto picks one).",
+                                  ["strategy"], registry=r)
+        self.plan_parts = Histogram("expertmix_plan_parts", "Parts per planned request.", buckets=(1, 2, 3, 4, 6, 8),
+                                    registry=r)
         self.in_flight = Gauge("expertmix_requests_in_flight", "Chat requests being served now.", registry=r)
         self.rejected = Counter("expertmix_rejected", "Requests refused before running, by reason.", ["reason"], registry=r)
         self.batch_rows = Histogram("expertmix_batch_rows", "Rows per decoded batch (dynamic batching).",
@@ -64,6 +70,11 @@ class Metrics:
         for c in answer.contributions:
             if c.error:
                 self.failures.labels(c.expert).inc()
+        for note in answer.notes:
+            self.events.labels(note.split(":")[0]).inc()
+        self.strategies.labels(answer.chosen or answer.strategy).inc()
+        if answer.plan is not None:
+            self.plan_parts.observe(len(answer.plan.get("parts") or []))
         t = answer.timings
         for stage, v in (("route", t.route), ("experts", t.experts), ("merge", t.merge)):
             self.stage.labels(stage).observe(v)

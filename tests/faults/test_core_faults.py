@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from experts.backends.base import CancelToken, GenerationConfig
 from expertmix.errors import AdapterError, ExpertTimeout, InputError, RequestCancelled
+from experts.backends.base import CancelToken, GenerationConfig
 
 Q = "How do I reverse a list in Python?"
 #: one decoding step is ~0.1 s on an idle 2-core CPU; the bound leaves room for a loaded CI machine
@@ -97,7 +97,7 @@ def test_same_request_same_decoding_settings_through_every_door(om, tmp_path) ->
     saved = dict(om.pool.routes)
     om.pool.routes.update({n: rec for n in saved})
     try:
-        kw = dict(max_new_tokens=5, temperature=0.0, seed=7, stop=["\n\n"])
+        kw = {"max_new_tokens": 5, "temperature": 0.0, "seed": 7, "stop": ["\n\n"]}
         om.ask(Q, strategy="top1", k=1, **kw)
         list(om.stream(Q, strategy="top1", k=1, **kw))
         om.generate("engineering", Q, **kw)
@@ -277,9 +277,9 @@ def test_remote_timeout_then_close_never_hangs(random_adapters, tmp_path) -> Non
 def test_malformed_remote_model_list_is_typed(mode) -> None:
     from fault_server import FaultServer
 
+    from expertmix.errors import ExpertUnavailable
     from experts.backends.openai import OpenAIBackend
     from experts.registry import ExpertSpec
-    from expertmix.errors import ExpertUnavailable
 
     srv = FaultServer({"finance": "ok"}, models_mode=mode)
     try:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from test_planning import KeywordRouter
 
-from experts.backends.base import Generation
 from expertmix.errors import ExpertUnavailable
+from experts.backends.base import Generation
 from orchestrator.merge.compose import heading, is_meta, sections
 from orchestrator.planning import part_messages
 
@@ -125,8 +125,9 @@ class MetaAggregator:
 
 
 def test_synthesis_guard_replaces_meta_answers_with_sections(random_adapters, tmp_path) -> None:
-    from orchestrator import Orchestrator
     from test_core import FixedRouter
+
+    from orchestrator import Orchestrator
 
     cfg = _config(tmp_path, random_adapters)
     router = FixedRouter({"engineering": 0.6, "product": 0.4})
