@@ -171,7 +171,7 @@ def test_effective_config_has_every_default_and_hides_keys(tmp_path: Path) -> No
     p = _write(tmp_path, '[server]\napi_key = "sekrit"\n[router]\nk = 3\n')
     d = load_config(p).to_dict()
     assert d["router"]["k"] == 3 and d["router"]["min_weight"] == 0.0
-    assert d["orchestrator"]["strategy"] == "synthesis" and d["server"]["port"] == 8000
+    assert d["orchestrator"]["strategy"] == OrchestratorSettings.strategy and d["server"]["port"] == 8000
     assert d["server"]["api_key"] == "***" and "sekrit" not in json.dumps(d)
 
 
