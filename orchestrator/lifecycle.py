@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from expertmix.errors import AdapterError, ExpertError, InputError, UnknownExpert
 from experts.registry import BASE_EXPERT, ExpertSpec, name_problem
+from orchestrator.routing import Router
 
 if TYPE_CHECKING:
     from orchestrator.core import Orchestrator
-    from orchestrator.routing import Router
 
 __all__ = ["adapter_roots", "add_expert", "check_adapter_path", "reload_router", "remove_expert", "router_version"]
 
@@ -41,10 +41,15 @@ def reload_router(om: Orchestrator, path: str | Path | None = None) -> Router:
     The new router is loaded and checked against the experts before the swap; on any error the
     old one stays in place.
     """
-    from orchestrator.routing import Router, check_labels
+    from orchestrator.routing import check_labels
 
-    new = Router.load(path if path is not None else om.config.router.path)
+    trained = Router.load(path if path is not None else om.config.router.path)
     with _lock:
+        current = om.router
+        added = dict(current.added) if isinstance(current, LiveRouter) else {}
+        names = set(om.expert_names)
+        new = live_router(om, trained, added={n: c for n, c in added.items() if n in names},
+                          removed=frozenset(lab for lab in trained.labels if lab not in names))
         check_labels(new, om.expert_names)
         om.router = new
     return new
@@ -77,11 +82,12 @@ def check_adapter_path(path: str | Path, roots: tuple[Path, ...]) -> Path:
     return real
 
 
-def add_expert(om: Orchestrator, spec: ExpertSpec) -> None:
+def add_expert(om: Orchestrator, spec: ExpertSpec, *, examples: tuple[str, ...] = ()) -> None:
     """Load ``spec``'s adapter (validated against the base first) and make the expert visible.
 
-    It answers ``model=NAME`` at once; the router routes to it once a router trained with its
-    label is promoted and reloaded.
+    It answers ``model=NAME`` at once, and routed requests reach it when they are clearly closer
+    to its description and ``examples`` than to any trained department's description (see
+    :class:`LiveRouter`) until a router trained with its label is promoted and reloaded.
     """
     problem = name_problem(spec.name)
     if problem:
@@ -101,13 +107,20 @@ def add_expert(om: Orchestrator, spec: ExpertSpec) -> None:
         om.routes[spec.name] = backend
         om.pool.routes[spec.name] = backend
         om.config = replace(om.config, experts=(*om.config.experts, spec))
+        current = om.router
+        trained = current.trained if isinstance(current, LiveRouter) else current
+        if spec.name not in trained.labels:
+            centroid = _unit(_unit(trained._embed([spec.description or spec.name, *examples])).mean(axis=0))
+            added = {**(current.added if isinstance(current, LiveRouter) else {}), spec.name: centroid}
+            removed = current.removed if isinstance(current, LiveRouter) else frozenset()
+            om.router = live_router(om, trained, added=added, removed=removed - {spec.name})
 
 
 def remove_expert(om: Orchestrator, name: str) -> None:
     """Hide an expert: ``model=NAME`` answers 404 and the route tables forget it.
 
-    Routed requests that still pick it (the router keeps its label until a new router is promoted)
-    record it as a failed contribution, and the merge renormalizes the weights over the rest.
+    The router stops picking it at once (its weight is renormalized over the rest) until a router
+    without its label is promoted.
     """
     with _lock:
         if name == BASE_EXPERT or name not in om.expert_names:
@@ -115,6 +128,11 @@ def remove_expert(om: Orchestrator, name: str) -> None:
         om.config = replace(om.config, experts=tuple(e for e in om.config.experts if e.name != name))
         om.routes.pop(name, None)
         om.pool.routes.pop(name, None)
+        current = om.router
+        trained = current.trained if isinstance(current, LiveRouter) else current
+        added = {n: c for n, c in (current.added if isinstance(current, LiveRouter) else {}).items() if n != name}
+        removed = (current.removed if isinstance(current, LiveRouter) else frozenset()) | {name}
+        om.router = live_router(om, trained, added=added, removed=removed)
 
 
 def spec_for(name: str, path: Path, *, description: str = "") -> ExpertSpec:
@@ -123,3 +141,90 @@ def spec_for(name: str, path: Path, *, description: str = "") -> ExpertSpec:
         return ExpertSpec(name=name, adapter=path, description=description)
     except Exception as exc:  # ConfigError from the spec's own checks
         raise AdapterError(f"expert {name!r}: {exc}", expert=name) from exc
+
+
+
+# -- routing for experts the router was not trained on -------------------------------------------------
+#: a live expert is routed to only when the question is at least this similar to its description/examples
+#: and more similar to it than to every trained department's description by MARGIN
+MIN_SIMILARITY = 0.35
+MARGIN = 0.05
+
+
+def _unit(x: Any) -> Any:
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class LiveRouter(Router):  # type: ignore[misc,valid-type]
+    """The trained router plus live changes: experts added since (scored by embedding similarity to
+    their description and examples, and said so in ``Routing.reason``) and experts removed since
+    (dropped from every routing, weights renormalized over the rest)."""
+
+    def __init__(self, trained: Router, *, added: dict[str, Any], removed: frozenset[str],
+                 departments: dict[str, Any]) -> None:
+        super().__init__(model=trained.model, encoder=trained.encoder, path=trained.path,
+                         cache_size=trained.cache_size)
+        self.trained = trained
+        self.added = dict(added)  # name -> unit centroid of its description (+ examples)
+        self.removed = frozenset(removed)
+        self.departments = dict(departments)  # trained label -> unit embedding of its description
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(lab for lab in self.trained.labels if lab not in self.removed) + tuple(self.added)
+
+    def route_batch(self, queries: Any, *, k: int = 2, min_weight: float = 0.0) -> list[Any]:
+        from orchestrator.routing import ExpertWeight, Routing
+
+        base = self.trained.route_batch(queries, k=max(1, len(self.trained.labels)), min_weight=0.0)
+        if not base:
+            return base
+        vecs = _unit(self.trained._embed([q.strip() for q in queries])) if self.added else None
+        out = []
+        for row, r in enumerate(base):
+            probs = {n: p for n, p in r.probabilities.items() if n not in self.removed}
+            abstained, reason = r.abstained, r.reason
+            live = None
+            if vecs is not None:
+                v = vecs[row]
+                dept = max((float(v @ d) for n, d in self.departments.items() if n not in self.removed), default=0.0)
+                sims = {n: float(v @ c) for n, c in self.added.items()}
+                name, sim = max(sims.items(), key=lambda kv: kv[1])
+                if sim >= MIN_SIMILARITY and sim >= dept + MARGIN:
+                    live = name
+                    share = min(1.0, (sim - dept) / MARGIN / 4 + 0.5)
+                    total = sum(probs.values()) or 1.0
+                    probs = {n: p / total * (1 - share) for n, p in probs.items()}
+                    probs[name] = share
+                    abstained = False
+                    reason = (f"live expert {name!r} by description similarity {sim:.2f} (best trained department "
+                              f"{dept:.2f}); not in the trained router yet")
+            ranked = sorted(probs.items(), key=lambda kv: -kv[1])[: min(k, len(probs))]
+            total = sum(p for _, p in ranked) or 1.0
+            chosen = [(n, p / total) for n, p in ranked]
+            if min_weight > 0 and chosen:
+                kept = [chosen[0]] + [c for c in chosen[1:] if c[1] >= min_weight]
+                s = sum(w for _, w in kept) or 1.0
+                chosen = [(n, w / s) for n, w in kept]
+            out.append(Routing(experts=tuple(ExpertWeight(n, w) for n, w in chosen), abstained=abstained,
+                               probabilities=probs, confidence=r.confidence if live is None else 1.0, reason=reason))
+        return out
+
+
+def _descriptions(om: Orchestrator, router: Router, names: list[str]) -> dict[str, Any]:
+    descr = {e.name: e.description or e.name for e in om.config.experts}
+    texts = [descr.get(n, n) for n in names]
+    return dict(zip(names, _unit(router._embed(texts)), strict=True)) if names else {}
+
+
+def live_router(om: Orchestrator, trained: Router, *, added: dict[str, Any], removed: frozenset[str]) -> Router:
+    """``trained`` if nothing changed since it was trained, else a :class:`LiveRouter` over it."""
+    removed = frozenset(n for n in removed if n in trained.labels)
+    added = {n: c for n, c in added.items() if n not in trained.labels}
+    if not added and not removed:
+        return trained
+    return LiveRouter(trained, added=added, removed=removed,
+                      departments=_descriptions(om, trained, list(trained.labels)))

@@ -49,6 +49,8 @@ class LoadAdapter(BaseModel):
     lora_name: str = Field(min_length=1, max_length=64)
     lora_path: str = Field(min_length=1, max_length=4096)
     description: str = Field(default="", max_length=500)
+    #: questions this expert should answer: with the description, they route to it until the router is retrained
+    examples: list[str] = Field(default_factory=list, max_length=100)
 
 
 class UnloadAdapter(BaseModel):
@@ -105,7 +107,8 @@ def install_admin(app: FastAPI, state: ServerState, check_auth: Callable[..., No
     async def load_adapter(req: LoadAdapter) -> PlainTextResponse:
         def load() -> None:
             path = lifecycle.check_adapter_path(req.lora_path, lifecycle.adapter_roots(om.config, tuple(adapter_roots)))
-            om.add_expert(lifecycle.spec_for(req.lora_name, path, description=req.description))
+            lifecycle.add_expert(om, lifecycle.spec_for(req.lora_name, path, description=req.description),
+                                 examples=tuple(req.examples))
 
         await change(load)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")

@@ -89,12 +89,20 @@ def test_load_and_unload_lora_adapter(server, om, random_adapters, tmp_path: Pat
 
     with cf.ThreadPoolExecutor(10) as pool:
         futures = [pool.submit(ask, i) for i in range(10)]
-        r = _post(server, "/v1/load_lora_adapter", {"lora_name": "legal", "lora_path": str(root / "legal")})
+        r = _post(server, "/v1/load_lora_adapter", {
+            "lora_name": "legal", "lora_path": str(root / "legal"),
+            "description": "Law: contracts, leases, lawsuits, court cases, attorneys and legal compliance.",
+            "examples": ["Can my landlord keep my deposit?", "How do I sue someone in small claims court?"]})
         codes = [f.result() for f in futures]
     assert r.status_code == 200 and "legal" in r.text, r.text
     assert codes == [200] * 10, codes
     try:
         assert "legal" in models()
+        # routable before any retraining: a question close to its examples goes to it, the trace says why
+        routed = _post(server, "/v1/route", {"input": ["Can I sue my landlord for breaking the lease contract?",
+                                                       Q_FIN]}).json()["data"]
+        assert routed[0]["experts"][0]["name"] == "legal" and "live expert 'legal'" in routed[0]["reason"]
+        assert routed[1]["experts"][0]["name"] == "finance"  # it does not steal a trained department's question
         answer = _post(server, "/v1/chat/completions", {"model": "legal", "messages": msgs(Q_FIN), "max_tokens": 4})
         assert answer.status_code == 200
         # the same weights as finance: the same greedy answer
@@ -107,6 +115,19 @@ def test_load_and_unload_lora_adapter(server, om, random_adapters, tmp_path: Pat
     gone = _post(server, "/v1/chat/completions", {"model": "legal", "messages": msgs(Q_FIN), "max_tokens": 4})
     assert gone.status_code == 404
     assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "legal"}).status_code == 404
+    routed = _post(server, "/v1/route", {"input": "Can I sue my landlord for breaking the lease contract?"})
+    assert "legal" not in {e["name"] for e in routed.json()["data"][0]["experts"]}
+
+
+def test_removed_trained_expert_is_never_routed(router, om) -> None:
+    from orchestrator.lifecycle import LiveRouter, live_router
+
+    live = live_router(om, router, added={}, removed=frozenset({"product"}))
+    assert isinstance(live, LiveRouter) and "product" not in live.labels
+    for q in ("Write a user story for a login page.", "Prioritize the roadmap backlog for next quarter."):
+        r = live.route(q, k=3)
+        assert "product" not in {e.name for e in r.experts} and "product" not in r.probabilities
+        assert abs(sum(e.weight for e in r.experts) - 1) < 1e-6
 
 
 def test_lifecycle_endpoints_need_a_key(om, local_config) -> None:
