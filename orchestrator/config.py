@@ -154,7 +154,7 @@ class RouterSettings:
 class OrchestratorSettings:
     """``[orchestrator]``: how a question is answered."""
 
-    strategy: str = _opt("synthesis", "Merge strategy: a name registered in orchestrator.merge.")
+    strategy: str = _opt("auto", "Merge strategy: a name registered in orchestrator.merge.")
     planner: str = _opt(
         "segment", "How a request is split into parts before the experts run (segment, llm, none)."
     )
