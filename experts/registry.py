@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from expertmix.errors import ConfigError, UnknownExpert
+from expertmix.names import BASE_EXPERT, NAME_PATTERN, name_problem
 
 __all__ = [
     "BASE_EXPERT",
@@ -27,32 +28,9 @@ __all__ = [
     "parse_experts",
 ]
 
-BASE_EXPERT = "__base__"
-#: The one name rule for expert names and router labels: lowercase letter first, then lowercase
-#: letters, digits, '-' or '_' (64 characters at most). ``__base__`` is reserved.
-NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+#: The one name rule for expert names and router labels lives in ``expertmix.names``.
 _NAME_RE = re.compile(NAME_PATTERN)
 BACKENDS = ("local", "openai")
-
-
-def name_problem(name: object, *, what: str = "expert name") -> str | None:
-    """``None`` if ``name`` is a valid expert name / router label, else what is wrong and how to fix it."""
-    if not isinstance(name, str):
-        return f"{what} must be a string, got {type(name).__name__}"
-    if name == BASE_EXPERT:
-        return f"{what} '{BASE_EXPERT}' is reserved for the base model; pick another name"
-    if not _NAME_RE.match(name):
-        return (
-            f"invalid {what} {name!r}: use 1-64 lowercase letters, digits, '-' or '_', starting with a letter "
-            f"(e.g. {_suggest(name)!r})"
-        )
-    return None
-
-
-def _suggest(name: str) -> str:
-    s = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")
-    s = re.sub(r"^[^a-z]+", "", s)[:64]
-    return s or "my-expert"
 
 
 @dataclass(frozen=True)

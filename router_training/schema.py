@@ -10,36 +10,25 @@ temperature or a label no expert can carry.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 from expertmix.errors import RouterArtifactError
+from expertmix.names import BASE_EXPERT, NAME_PATTERN, name_problem
 
 __all__ = ["ABSTAIN_SCORES", "NAME_PATTERN", "check_meta", "fail", "label_problem"]
 
-#: The one name rule for expert names and router labels (the same pattern as
-#: ``experts.registry.NAME_PATTERN``; router_training may not import experts, a test checks
-#: that the two agree).
-NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
-_NAME_RE = re.compile(NAME_PATTERN)
-RESERVED = "__base__"
+#: The one name rule for expert names and router labels: ``expertmix.names`` (shared with experts).
+RESERVED = BASE_EXPERT
 
 #: Abstain scores a router may use (higher = more in-domain); see artifact.RouterModel.confidence.
 ABSTAIN_SCORES = ("max_prob", "in_domain", "knn", "mahalanobis", "energy", "combined")
 
 
 def label_problem(label: object) -> str | None:
-    """Why ``label`` cannot name an expert, or None when it can."""
-    if not isinstance(label, str):
-        return f"label must be a string, got {type(label).__name__}"
-    if label == RESERVED or not _NAME_RE.match(label):
-        return (
-            f"label {label!r} is not a valid expert name "
-            "(1-64 lowercase letters, digits, '-' or '_', starting with a letter; '__base__' is reserved)"
-        )
-    return None
+    """Why ``label`` cannot name an expert, or None when it can (the one name rule)."""
+    return name_problem(label, what="label")
 
 
 def fail(path: str | Path | None, field: str, message: str) -> NoReturn:
