@@ -232,7 +232,8 @@ def run(
     experts = list(C.DOMAINS)
     sums = {m: 0.0 for m in MODELS}
     toks = {"whole": 0, "parts": 0}
-    n_parts = n_right = n_aggregated = 0
+    n_parts = n_right = n_top_right = n_aggregated = 0
+    misrouted: list[dict[str, Any]] = []
     draft_stats = {"cached": 0, "generated": 0}
     examples = []
     for i, row in enumerate(rows):
@@ -310,6 +311,20 @@ def run(
             planned = plan.parts[m] if m is not None else None
             expert = _part_expert(planned) if planned is not None else BASE_EXPERT
             n_right += expert == gp.domain
+            top_any = (
+                planned.routing.experts[0].name if planned is not None and planned.routing.experts else None
+            )
+            n_top_right += top_any == gp.domain
+            if expert != gp.domain:
+                misrouted.append(
+                    {
+                        "row": row.id,
+                        "part": gp.text,
+                        "domain": gp.domain,
+                        "routed": expert,
+                        "top_expert_ignoring_abstain": top_any,
+                    }
+                )
             d_msgs = part_prompt(row.request, plan, planned) if planned is not None else msgs
             if d_msgs == o_msgs and expert == gp.domain:
                 sums["decompose"] += float(-lp_o.sum())
@@ -339,6 +354,8 @@ def run(
     result: dict[str, Any] = {
         "nll": nll,
         "parts_routed_correctly": routed,
+        "parts_top_expert_correct_ignoring_abstain": n_top_right / n_parts if planner else None,
+        "misrouted_parts": misrouted,
         "relative_to_top1": {m: (v / nll["top1"] - 1.0 if v is not None else None) for m, v in nll.items()},
         "relative_to_oracle": {
             m: (v / nll["oracle"] - 1.0 if v is not None else None) for m, v in nll.items()
@@ -407,6 +424,9 @@ def print_table(res: dict[str, Any]) -> None:
         f"(planner: {res['planner']}); synthesis used the aggregator on {res['synthesis_rows_aggregated']}/"
         f"{res['rows']} rows as served"
     )
+    for m in res["misrouted_parts"]:
+        print(f"  misrouted: {m['domain']} part -> {m['routed']} (top expert {m['top_expert_ignoring_abstain']}): "
+              f"{m['part'][:70]!r}")
     t = res["targets_met"]
 
     def yn(x: bool | None) -> str:
