@@ -155,11 +155,11 @@ __all__ = [
     "ExpertmixError",
     "InputError",
     "ModelError",
+    "RequestCancelled",
     "RouterArtifactError",
     "RouterError",
     "RouterMismatch",
     "RouterNotFitted",
-    "RequestCancelled",
     "StrategyError",
     "UnknownExpert",
 ]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from expertmix.errors import InputError
 
-__all__ = ["Message", "Query", "normalize_messages", "last_user_text"]
+__all__ = ["Message", "Query", "last_user_text", "normalize_messages"]
 
 Message = dict[str, str]
-Query = Union[str, bytes, Sequence[Mapping[str, Any]]]
+Query = str | bytes | Sequence[Mapping[str, Any]]
 _ROLES = ("system", "user", "assistant")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -49,11 +49,11 @@ def _root(
 
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")
+    Path | None, typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 ServerOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--server",
         envvar="EXPERTMIX_SERVER",
@@ -65,13 +65,13 @@ ServerOpt = Annotated[
 LocalOpt = Annotated[bool, typer.Option("--local", help="Never use a running server; load the models here.")]
 _O, _R = OrchestratorSettings, RouterSettings
 KOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option(
         "--k", "-k", min=1, help=f"Experts to combine (default: the config's router.k; {_R.k} if unset)."
     ),
 ]
 MinWeightOpt = Annotated[
-    Optional[float],
+    float | None,
     typer.Option(
         "--min-weight",
         min=0.0,
@@ -81,7 +81,7 @@ MinWeightOpt = Annotated[
     ),
 ]
 TokensOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option(
         "--max-new-tokens",
         min=1,
@@ -92,14 +92,14 @@ TokensOpt = Annotated[
     ),
 ]
 TempOpt = Annotated[
-    Optional[float],
+    float | None,
     typer.Option(
         "--temperature",
         min=0.0,
         help=f"0 = greedy (default: the config's orchestrator.temperature; {_O.temperature} if unset).",
     ),
 ]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="Sampling seed.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", min=0, max=2**63 - 1, help="Sampling seed.")]
 
 
 @experts_app.command("list")
@@ -190,7 +190,7 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     k: KOpt = None,
     strategy: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Merge strategy, e.g. synthesis | mixture | adapter_merge | top1 | decompose | auto "
             f"(default: the config's orchestrator.strategy; {_O.strategy} if unset)."
@@ -217,14 +217,14 @@ def ask(
 
     check_text(question)
     opts = _drop_none(
-        dict(
-            k=k,
-            strategy=strategy,
-            min_weight=min_weight,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-        )
+        {
+            "k": k,
+            "strategy": strategy,
+            "min_weight": min_weight,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "seed": seed,
+        }
     )
     emit = _emitter(as_json=as_json, stream=stream)
     srv = find_server(server=server, config=config, local=local)
@@ -309,7 +309,7 @@ def route(
     k: KOpt = None,
     min_weight: MinWeightOpt = None,
     router: Annotated[
-        Optional[Path], typer.Option(help="Router artifact or store (default: the config's).")
+        Path | None, typer.Option(help="Router artifact or store (default: the config's).")
     ] = None,
     config: ConfigOpt = None,
     server: ServerOpt = None,

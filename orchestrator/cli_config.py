@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -39,7 +39,7 @@ def to_toml(d: dict[str, Any]) -> str:
 
 def show(
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")
+        Path | None, typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
 ) -> None:

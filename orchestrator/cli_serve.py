@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -36,29 +36,29 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def serve(
         host: Annotated[
-            Optional[str], typer.Option(help="Interface to bind (default from config: 127.0.0.1).")
+            str | None, typer.Option(help="Interface to bind (default from config: 127.0.0.1).")
         ] = None,
-        port: Annotated[Optional[int], typer.Option(help="TCP port (default from config: 8000).")] = None,
+        port: Annotated[int | None, typer.Option(help="TCP port (default from config: 8000).")] = None,
         config: Annotated[
-            Optional[Path], typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")
+            Path | None, typer.Option("--config", "-c", help="expertmix.toml (default: the shipped one).")
         ] = None,
         api_key: Annotated[
-            Optional[str],
+            str | None,
             typer.Option(
                 envvar="EXPERTMIX_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics."
             ),
         ] = None,
         batching: Annotated[
-            Optional[bool],
+            bool | None,
             typer.Option(
                 "--batching/--no-batching",
                 help="Decode concurrent requests together (local experts) "
                 "(default: the config's server.batching).",
             ),
         ] = None,
-        max_batch_size: Annotated[Optional[int], typer.Option(help="Rows per decoded batch at most.")] = None,
+        max_batch_size: Annotated[int | None, typer.Option(help="Rows per decoded batch at most.")] = None,
         max_wait_ms: Annotated[
-            Optional[float], typer.Option(help="How long a batch waits for more requests.")
+            float | None, typer.Option(help="How long a batch waits for more requests.")
         ] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
         drop_params: Annotated[

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -46,10 +46,10 @@ def train(
         Path, typer.Option("--data", help="Training pairs: JSON Lines or CSV with instruction/response.")
     ],
     val: Annotated[
-        Optional[Path], typer.Option("--val", help="Validation pairs: val NLL of base vs adapter.")
+        Path | None, typer.Option("--val", help="Validation pairs: val NLL of base vs adapter.")
     ] = None,
     out: Annotated[
-        Optional[Path], typer.Option("--out", help="Adapter directory to write [default: adapters/NAME].")
+        Path | None, typer.Option("--out", help="Adapter directory to write [default: adapters/NAME].")
     ] = None,
     base: Annotated[
         str, typer.Option("--base", help="Base model: default name, HF directory, .gguf or hub id.")
@@ -69,7 +69,7 @@ def train(
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per step (padded per batch).")] = 8,
     max_steps: Annotated[
-        Optional[int], typer.Option("--max-steps", help="Stop after N steps (caps --epochs).")
+        int | None, typer.Option("--max-steps", help="Stop after N steps (caps --epochs).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, shuffling and dropout.")] = 0,
     max_length: Annotated[
@@ -88,7 +88,7 @@ def train(
         int, typer.Option("--val-rows", help="Score the first N validation rows (0 = all).")
     ] = 64,
     threads: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--threads", help="CPU threads (default: all cores; 1 helps on a busy machine)."),
     ] = None,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.05,
@@ -103,7 +103,7 @@ def train(
     ] = "float32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
     register_config: Annotated[
-        Optional[Path], typer.Option("--register", help="Append the expert to this expertmix.toml.")
+        Path | None, typer.Option("--register", help="Append the expert to this expertmix.toml.")
     ] = None,
     description: Annotated[
         str, typer.Option("--description", help="Description written with --register.")
@@ -113,7 +113,7 @@ def train(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     init_adapter: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--init-adapter", help="Continue training this adapter (its rank, alpha, targets)."),
     ] = None,
 ) -> None:

@@ -44,6 +44,7 @@ def test_bench_smoke(bench: Path, tmp_path: Path) -> None:
             [sys.executable, str(bench), "--smoke", "--out", str(out)],
             cwd=REPO,
             env=env,
+            check=False,
             capture_output=True,
             text=True,
             timeout=TIMEOUT_S,

@@ -13,6 +13,7 @@ import pytest
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=300,
@@ -28,7 +29,9 @@ def test_help_imports_no_torch() -> None:
         "heavy = [m for m in ('torch', 'transformers', 'sklearn', 'sentence_transformers', 'peft') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
@@ -100,6 +103,7 @@ def test_non_utf8_argument_is_a_clear_error() -> None:
             b"__base__",
             b"caf\xe9",
         ],
+        check=False,
         capture_output=True,
         timeout=120,
     )
@@ -141,6 +145,7 @@ def test_bad_argv_bytes_are_one_clean_line_for_route_and_ask() -> None:
     for cmd in (b"route", b"ask"):
         res = subprocess.run(
             [sys.executable.encode(), b"-m", b"orchestrator.cli", cmd, b"\xff"],
+            check=False,
             capture_output=True,
             timeout=120,
         )

@@ -16,7 +16,7 @@ def test_all_names_exist(module: str) -> None:
 
 
 def test_one_error_root() -> None:
-    import expertmix.errors as errors
+    from expertmix import errors
 
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), errors.ExpertmixError)

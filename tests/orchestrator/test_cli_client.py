@@ -53,6 +53,7 @@ def _cli(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]
     full.update(EXPERTMIX_HOME=str(home), **env)
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=300,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from expertmix.errors import ExpertUnavailable, InputError, StrategyError
 from experts.backends.base import Generation, GenerationConfig
 from experts.backends.mixture import mixture_generate
-from expertmix.errors import ExpertUnavailable, InputError, StrategyError
 from orchestrator.routing import ExpertWeight, Routing
 
 NEW = 10

@@ -19,7 +19,7 @@ from orchestrator.routing import Router, Routing, check_labels
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _probe_module():  # noqa: ANN202 - the probe set lives beside the router_training tests
+def _probe_module():
     spec = importlib.util.spec_from_file_location("probe_set", REPO / "tests" / "router_training" / "probe_set.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
