@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from orchestrator.server.app import create_app
     from experts.backends.batcher import DynamicBatcher
+    from orchestrator.server.app import create_app
 
 __all__ = ["DynamicBatcher", "create_app"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,7 +50,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -101,7 +101,7 @@ class _Request(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     #: vLLM's sampling extension, accepted as vLLM does (expertmix's remote backend sends it)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10, allow_inf_nan=False)
@@ -109,7 +109,7 @@ class _Request(BaseModel):
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    logprobs: Union[bool, int, None] = None
+    logprobs: bool | int | None = None
     top_logprobs: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -150,10 +150,10 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
-    function_call: Union[str, dict[str, Any], None] = None
+    function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
@@ -181,7 +181,7 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     """``POST /v1/completions`` (legacy text completions): the prompt is sent as one user turn."""
 
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
     best_of: int | None = None
     echo: bool | None = None
     suffix: str | None = None

@@ -69,9 +69,9 @@ class Result:
 
 
 def _ask_kwargs(work: Work, temperature: float | None, seed: int | None) -> dict[str, Any]:
-    return dict(k=work.k, strategy=work.strategy, planner=work.planner, max_new_tokens=work.max_tokens,
-                temperature=temperature, top_p=work.top_p, seed=seed, stop=work.stop or None,
-                min_weight=work.min_weight, repetition_penalty=work.repetition_penalty, cancel=work.cancel)
+    return {"k": work.k, "strategy": work.strategy, "planner": work.planner, "max_new_tokens": work.max_tokens,
+            "temperature": temperature, "top_p": work.top_p, "seed": seed, "stop": work.stop or None,
+            "min_weight": work.min_weight, "repetition_penalty": work.repetition_penalty, "cancel": work.cancel}
 
 
 def answer_extra(state: ServerState, answer: Answer, rid: str) -> dict[str, Any]:

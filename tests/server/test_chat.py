@@ -48,7 +48,7 @@ def test_chat_expertmix_routes_merges_and_reports(client) -> None:
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     trace = r.model_extra["expertmix"]
     assert trace["strategy"] == "synthesis"
-    assert [e["name"] for e in trace["routing"]["experts"]][0] == "finance"
+    assert trace["routing"]["experts"][0]["name"] == "finance"
     assert len(trace["contributions"]) == 2 and all(c["error"] is None for c in trace["contributions"])
     assert abs(sum(trace["weights"].values()) - 1) < 1e-6
 
