@@ -1,7 +1,7 @@
 """A fault-injecting OpenAI-protocol server in its own process (it can die mid-request), for tests.
 
 Modes per model name: ``ok``, ``fail500``, ``flaky`` (503 once), ``bad400``, ``slow`` (10 s),
-``die`` (exits mid-request). ``models_mode``: ``ok``, ``nonjson`` or ``list`` (a malformed
+``die`` (exits mid-request), ``wrongschema`` (200 with a body that is not a completion), ``nonjson``. ``models_mode``: ``ok``, ``nonjson`` or ``list`` (a malformed
 ``/v1/models``). ``/stats`` counts calls per model; ``/last`` holds each model's last request body.
 """
 
@@ -61,6 +61,10 @@ async def chat(request: Request):
         return JSONResponse({"error": {"message": "warming up", "type": "server_error", "param": None, "code": None}}, 503)
     if mode == "bad400":
         return JSONResponse({"error": {"message": "prompt too long", "type": "invalid_request_error", "param": "messages", "code": None}}, 400)
+    if mode == "wrongschema":
+        return JSONResponse({"id": "x", "object": "chat.completion", "choices": "none"})
+    if mode == "nonjson":
+        return PlainTextResponse("<html>502 bad gateway</html>")
     if mode == "slow":
         await asyncio.sleep(10)
     if mode == "die":

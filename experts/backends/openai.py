@@ -384,7 +384,7 @@ class OpenAIBackend:
                 extra={"remote_model": model},
             )
 
-        return await self._with_retries(expert, self._budget(expert, config), attempt)  # type: ignore[no-any-return]
+        return await self._with_retries(expert, self._budget(expert, config), attempt)
 
     async def agenerate(self, requests: Sequence[tuple[str, list[Message]]], config: GenerationConfig) -> list[Generation]:
         """Async :meth:`generate`: one HTTP request per pair, concurrently."""
@@ -420,9 +420,10 @@ class OpenAIBackend:
                 if resp.status_code in _RETRY_STATUS and isinstance(err, ExpertError):
                     raise _Retryable(err)
                 raise err
-            return resp  # type: ignore[no-any-return]
+            return resp
 
         resp: httpx.Response = await self._with_retries(expert, budget, attempt)
+        events = 0
         try:
             lines = resp.aiter_lines()
             while True:
@@ -441,17 +442,26 @@ class OpenAIBackend:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    events += 1
                     break
                 try:
                     event = json.loads(data)
                 except json.JSONDecodeError:
                     continue
-                if "error" in event:
+                if isinstance(event, dict) and "error" in event:
                     msg = event["error"].get("message") if isinstance(event["error"], dict) else event["error"]
                     raise ExpertUnavailable(f"{self.base_url}: {msg}", expert=expert)
-                for choice in event.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content")
-                    if piece:
+                choices = event.get("choices") if isinstance(event, dict) else None
+                if not isinstance(choices, list):
+                    continue
+                events += 1
+                for choice in choices:
+                    delta = choice.get("delta") if isinstance(choice, dict) else None
+                    piece = delta.get("content") if isinstance(delta, dict) else None
+                    if isinstance(piece, str) and piece:
                         yield piece
+            if events == 0:
+                raise ExpertUnavailable(f"{self.base_url}: model {model!r} did not answer with an OpenAI event stream",
+                                        expert=expert)
         finally:
             await cm.__aexit__(None, None, None)

@@ -64,6 +64,13 @@ class Top1:
             yield res
             return
         text = "".join(chunks).strip()
+        if not text and len(ctx.weights) > 1:  # an empty answer is a failure: the next expert answers
+            res = self.run(replace(ctx, weights=ctx.weights[1:]))
+            res.contributions.insert(0, Contribution(expert=name, weight=w, error="empty answer"))
+            if res.text:
+                yield res.text
+            yield res
+            return
         tokens = len(chunks)
         yield MergeResult(
             text=text,

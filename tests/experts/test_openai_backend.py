@@ -158,7 +158,7 @@ def test_answer_survives_500s_and_a_slow_expert(faults, router) -> None:
 
     url = faults.url
     cfg = _config([_spec("finance", url, "good"), _spec("engineering", url, "fail500"),
-                   _spec("product", url, "slow", timeout_s=1.0)])
+                   _spec("product", url, "slow", timeout_s=1.0)], strategy="synthesis")
     with Orchestrator(cfg, router=router) as om:
         r, metrics = _serve_and_ask(om, k=3)
     trace = r.model_extra["expertmix"]
@@ -214,12 +214,16 @@ def test_two_tiers_remote_experts_equal_local_ones(expert_tier, router) -> None:
         assert om.local is None  # nothing loaded in the front tier
         backend = om.routes["finance"]
         assert backend._base_model == local_om.config.base.model  # __base__ = the experts' parent
-        answer = om.ask(Q_FIN, k=2, max_new_tokens=4)
+        answer = om.ask(Q_FIN, k=2, max_new_tokens=4, strategy="synthesis")
         assert answer.text and answer.fallback is None
         assert [c.error for c in answer.contributions] == [None, None]
-        for c in answer.contributions:  # the remote expert said exactly what it says locally
-            assert c.text == local_om.local.generate([(c.expert, _m())], GEN)[0].text
+        # the remote expert says exactly what it says locally with the same decoding settings
+        # (the front tier's repetition_penalty travels with the request, not the defaults)
+        same = om.generation_config(max_new_tokens=4)
+        assert same.repetition_penalty == 1.1
+        for c in answer.contributions:
+            assert c.text == local_om.local.generate([(c.expert, _m())], same)[0].text
         streamed = [x for x in om.stream(Q_FIN, k=1, max_new_tokens=4, strategy="top1") if isinstance(x, str)]
-        assert "".join(streamed).strip() == local_om.local.generate([("finance", _m())], GEN)[0].text
+        assert "".join(streamed).strip() == local_om.local.generate([("finance", _m())], same)[0].text
         with pytest.raises(StrategyError, match="needs local adapter weights"):
             om.ask(Q_FIN, strategy="mixture", max_new_tokens=4)

@@ -291,3 +291,28 @@ def test_malformed_remote_model_list_is_typed(mode) -> None:
             b.close()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("mode", ["fail500", "wrongschema", "nonjson", "closed"])
+def test_remote_expert_faults_never_take_the_answer_down(random_adapters, tmp_path, mode) -> None:
+    """ask and stream with a remote expert that errors, answers garbage, or is not there at all."""
+    from fault_server import FaultServer, _free_port
+
+    from orchestrator import Answer, Orchestrator
+
+    srv = None if mode == "closed" else FaultServer({"product": mode})
+    url = srv.url if srv else f"http://127.0.0.1:{_free_port()}/v1"
+    try:
+        cfg = _config(tmp_path, {k: v for k, v in random_adapters.items() if k != "product"},
+                      f'\n[[experts]]\nname = "product"\nbackend = "openai"\nbase_url = "{url}"\ntimeout_s = 5.0\n')
+        with Orchestrator.from_config(cfg, router=FixedRouter({"product": 0.6, "engineering": 0.4})) as o:
+            ans = o.ask(Q, strategy="top1", k=2)
+            failed = [c for c in ans.contributions if c.expert == "product"]
+            assert ans.text and failed and failed[0].error and ans.weights == {"engineering": 1.0}
+            assert failed[0].error.split(":")[0] in ("ExpertUnavailable", "InputError", "ExpertTimeout")
+            items = list(o.stream(Q, strategy="top1", k=2))
+            assert isinstance(items[-1], Answer) and items[-1].text
+            assert any(c.expert == "product" and c.error for c in items[-1].contributions)
+    finally:
+        if srv:
+            srv.stop()
