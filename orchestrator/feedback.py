@@ -7,6 +7,7 @@ directory, ``<answer log stem>.feedback.jsonl``) so the two join on ``id``; with
 it is ``$EXPERTMIX_HOME/feedback.jsonl``. The question text is kept only when the user sends it
 or the config keeps query text (``orchestrator.log_query_text``); a correction (``expert``)
 without text can only be used for training when the answer log holds the question.
+:func:`training_rows` turns feedback into router training rows (weighted, deduplicated, counted).
 
 >>> fb = parse_feedback({"id": "chatcmpl-0123", "rating": "bad", "expert": "finance"}, experts=["finance"])
 >>> fb.rating, fb.expert
@@ -27,7 +28,7 @@ from typing import Any
 
 from expertmix.errors import InputError
 
-__all__ = ["Feedback", "FeedbackLog", "feedback_path", "parse_feedback"]
+__all__ = ["Feedback", "FeedbackLog", "answers_by_id", "feedback_path", "parse_feedback", "training_rows"]
 
 RATINGS = ("good", "bad")
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -119,3 +120,61 @@ class FeedbackLog:
                 except (ValueError, TypeError):
                     continue
         return out
+
+
+def answers_by_id(lines: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Answer-log records by answer id: ``{"query": text or None, "expert": top routed expert or None}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            rid = rec["id"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        experts = (rec.get("routing") or {}).get("experts") or []
+        abstained = bool((rec.get("routing") or {}).get("abstained"))
+        top = experts[0].get("name") if experts and not abstained and isinstance(experts[0], dict) else None
+        out[str(rid)] = {"query": rec.get("query"), "expert": top}
+    return out
+
+
+def training_rows(
+    feedback: Iterable[Feedback],
+    *,
+    answers: Mapping[str, Mapping[str, Any]] | None = None,
+    good_weight: float | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Router training rows from feedback: corrections (``expert`` given) as weight-1 rows, and — when
+    ``good_weight`` is set — good ratings of routed answers as rows of that weight for the expert the
+    router chose. The question text comes from the feedback, else from the answer log (``answers``).
+    Deduplicated by text (the latest feedback wins); the counts say what was used and what was not.
+    """
+    answers = answers or {}
+    counts = {"corrections": 0, "good": 0, "skipped_no_text": 0, "skipped_no_label": 0, "duplicates": 0,
+              "conflicts": 0}
+    rows: dict[str, dict[str, Any]] = {}
+    for fb in sorted(feedback, key=lambda f: f.ts):
+        known = answers.get(fb.id, {})
+        text = fb.text or known.get("query")
+        if fb.expert is not None:
+            label, weight, kind = fb.expert, 1.0, "corrections"
+        elif fb.rating == "good" and good_weight is not None:
+            label, weight, kind = known.get("expert"), float(good_weight), "good"
+        else:
+            continue
+        if not text:
+            counts["skipped_no_text"] += 1
+            continue
+        if not label:
+            counts["skipped_no_label"] += 1
+            continue
+        key = " ".join(text.lower().split())
+        if key in rows:
+            counts["duplicates"] += 1
+            if rows[key]["label"] != label:
+                counts["conflicts"] += 1
+            counts[rows[key]["kind"]] -= 1
+        rows[key] = {"text": text, "label": label, "weight": weight, "source": "feedback", "kind": kind}
+        counts[kind] += 1
+    out = [{k: v for k, v in r.items() if k != "kind"} for r in rows.values()]
+    return out, counts
