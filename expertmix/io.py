@@ -115,8 +115,8 @@ def read_records(
     try:
         raw = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 ({exc.reason})", path=path, line=line) from exc
+        bad_line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 ({exc.reason})", path=path, line=bad_line) from exc
     raw = raw.removeprefix("\ufeff")  # UTF-8 BOM (Excel, Notepad)
     rows: list[tuple[int, dict[str, Any]]] = []
     # Records end at "\n" (or "\r\n") only. str.splitlines would also split on U+0085,

@@ -14,8 +14,9 @@ way whichever door it came in by.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from expertmix.errors import InputError
 from experts.backends.base import GenerationConfig
@@ -37,7 +38,7 @@ class RequestOptions:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stop: tuple[str, ...] | list[str] | str | None = None
+    stop: Sequence[str] | str | None = None
     min_weight: float | None = None
     #: vLLM's sampling extension (>1 discourages repeats); None = the config's ``repetition_penalty``
     repetition_penalty: float | None = None
@@ -70,5 +71,5 @@ class RequestOptions:
                                 else settings.repetition_penalty),
         )
 
-    def merged(self, **overrides: object) -> RequestOptions:
+    def merged(self, **overrides: Any) -> RequestOptions:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

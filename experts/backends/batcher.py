@@ -145,6 +145,7 @@ class DynamicBatcher:
         deadline = time.perf_counter() + self.max_wait_s
         skipped: list[_Job] = []
         held, self._held = self._held, deque()
+        job: _Job | None
         for job in held:  # jobs put aside by earlier batches go first
             if job.key == first.key and rows + len(job.requests) <= self.max_batch_size:
                 batch.append(job)

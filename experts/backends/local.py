@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from expertmix.errors import AdapterError, InputError, UnknownExpert
 from experts.backends.base import CancelToken, Generation, GenerationConfig
@@ -180,7 +180,10 @@ class LocalBackend:
 
     # -- prompts ----------------------------------------------------------------------------------
     def encode_prompt(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        # a list of ids, or a BatchEncoding with tokenizers whose template returns a dict
+        ids: Any = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
@@ -239,7 +242,7 @@ class LocalBackend:
                 finish = "stop"
                 break
             n += 1
-        text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+        text = cast(str, self.tokenizer.decode(row[:n], skip_special_tokens=True))  # one row: one string
         for s in config.stop:
             cut = text.find(s)
             if cut >= 0:

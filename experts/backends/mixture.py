@@ -91,11 +91,11 @@ def mixture_generate(
     if cancel is not None and cancel.cancelled:
         raise cancel.error(expert="+".join(n for n, _ in items), what="mixture generation")
     row = out[0, ids.shape[1] :].tolist()
-    text, n, finish = backend._decode(row, config)
+    text, n_tokens, finish = backend._decode(row, config)
     return Generation(
         "+".join(n for n, _ in items),
         text,
-        n,
+        n_tokens,
         latency,
         prompt_tokens=len(prompt),
         finish_reason=finish,

@@ -45,7 +45,7 @@ def strategy_names() -> list[str]:
 def get_strategy(name: str) -> MergeStrategy:
     _load_builtins()
     try:
-        return STRATEGIES[name]()  # type: ignore[no-any-return]
+        return STRATEGIES[name]()
     except KeyError:
         raise StrategyError(f"unknown merge strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}") from None
 

@@ -45,6 +45,6 @@ def planner_names() -> list[str]:
 def get_planner(name: str) -> Planner:
     _load_builtins()
     try:
-        return PLANNERS[name]()  # type: ignore[no-any-return]
+        return PLANNERS[name]()
     except KeyError:
         raise StrategyError(f"unknown planner {name!r}; choose one of {', '.join(sorted(PLANNERS))}") from None

@@ -90,8 +90,8 @@ def part_messages(messages: Sequence[Message], plan: Plan, part: Part) -> list[M
     context after it; earlier turns of the conversation are kept. A one-part plan changes nothing."""
     msgs = [dict(m) for m in messages]
     if len(plan.parts) <= 1:
-        return msgs  # type: ignore[return-value]
+        return msgs
     last = max(i for i, m in enumerate(msgs) if m.get("role") == "user")
     whole = " ".join(str(msgs[last]["content"]).split())
     msgs[last] = {**msgs[last], "content": part.text + _CONTEXT.format(whole=whole)}
-    return msgs  # type: ignore[return-value]
+    return msgs
