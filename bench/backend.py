@@ -1,6 +1,6 @@
 """Local backend at the memory roofline: decode step vs k rows, mixed adapters, GEMM path, int8 weights.
 
-    python bench/backend.py [--quick] [--smoke] [--no-int8] [--out FILE.json]
+    python bench/backend.py [--quick] [--smoke] [--int8] [--out FILE.json]
 
 One LocalBackend (shipped finance/engineering/product adapters, else random stand-ins) with
 its default fast paths (docs/performance.md): the probed small-batch GEMM path, batched LoRA
@@ -19,7 +19,8 @@ are medians of per-round ratios. The machine is shared and noisy: compare ratios
    single-expert step (``roofline_fraction``).
 4. int8 weight-only base (``[base] quantize = "int8"``, LoRA in float32 on top): single-expert
    tokens/s vs float32, and per-token NLL of each domain's val responses for the base and every
-   expert (``int8_nll_delta`` = the largest relative change). Off with ``--smoke``/``--no-int8``.
+   expert (``int8_nll_delta`` = the largest relative change). Opt-in (``--int8``): on this AVX2 CPU
+   torch's int8 kernel is ~4.5x slower per layer than float32 (docs/performance.md), so it is slow.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 PROMPT = (
     "Our checkout page is slow after the last deploy. How should engineering profile it, "
@@ -66,7 +67,7 @@ class StepTimer:
 @contextlib.contextmanager
 def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = True) -> Iterator[None]:
     """Switch the fast paths for one measurement: lora "fast"/"peft", merged weights, GEMM path."""
-    import torch.nn as nn
+    from torch import nn
 
     fl = local.fast_lora
     keep = (fl.enabled, fl.merged_experts) if fl else None
@@ -103,7 +104,7 @@ def bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
 
 def weight_bytes(model: Any) -> int:
     """Bytes of weights a decode step reads: every linear (lm_head included), counted once."""
-    import torch.nn as nn
+    from torch import nn
 
     seen, total = set(), 0
     for m in model.modules():
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = C.parser(__doc__)
     if not any("--smoke" in a.option_strings for a in ap._actions):
         ap.add_argument("--smoke", action="store_true", help="seconds: k = 1, 2, 1 round, 4 tokens, no int8")
-    ap.add_argument("--no-int8", action="store_true", help="skip the int8 section")
+    ap.add_argument("--int8", action="store_true", help="also measure the int8 weight-only base (slow here)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 3 --quick, else 7)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per row (default 16 --quick, else 32)")
     args = ap.parse_args(argv)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from experts.backends.base import GenerationConfig
     from experts.backends.local import LocalBackend
-    from experts.models import FastOptions, load_base
+    from experts.models import load_base
     from experts.registry import ExpertSpec
 
     adapters, kind = C.resolve_adapters(args.adapters)
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- 4. int8 --------------------------------------------------------------------------------------------
     int8: dict[str, Any] | None = None
-    if not (args.smoke or args.no_int8):
+    if args.int8 and not args.smoke:
         int8 = _int8_section(local, specs, msgs, cfg, reps, warm, bw, n_val=3 if args.quick else 8)
 
     _print(n_tok, reps, warm, kind, ks, step, prefill, per_path, mixed, roofline, int8, local, info)
@@ -331,8 +332,8 @@ def _print(n_tok: int, reps: int, warm: int, kind: str, ks: Any, step: dict, pre
     if int8:
         print()
         print(C.table(["int8 weight-only base (LoRA float32)", "value"], [
-            ["tokens/s int8 / fp32", f"{int8['tokens_per_s']['int8']:.1f} / {int8['tokens_per_s']['fp32']:.1f} "
-                                      f"({int8['int8_over_fp32_tps']:.2f}x)"],
+            ["tokens/s int8 / fp32", (f"{int8['tokens_per_s']['int8']:.1f} / {int8['tokens_per_s']['fp32']:.1f} "
+                                      f"({int8['int8_over_fp32_tps']:.2f}x)")],
             ["worst relative per-token NLL change (base + experts x domains)",
              f"{int8['nll_delta_max'] * 100:.2f}% (gate 1%: {'pass' if int8['nll_gate_1pct'] else 'FAIL'})"],
         ]))

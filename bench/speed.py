@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 PROMPT = (
     "Our checkout page is slow after the last deploy. How should engineering profile it, "
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     orig_run = orch.pool.run
     one_by_one = [False]
 
-    def run(requests, config, **kw):  # noqa: ANN001, ANN202 - bench-only: optionally unbatch the pool
+    def run(requests, config, **kw):
         if not one_by_one[0]:
             return orig_run(requests, config, **kw)
         return [o for r in requests for o in orig_run([r], config, **kw)]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     result["ask_synthesis"] = asks
 
     # -- 3. mixture vs single expert ----------------------------------------------------------------
-    def tps(g) -> float:  # noqa: ANN001
+    def tps(g) -> float:
         return g.tokens / g.latency_s
 
     mix_tps: list[float] = []
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "adapter_merge_cached_over_single<=1.05": summary["adapter_merge_cached_over_single"] <= 1.05,
     }
 
-    yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    yes = lambda ok: "yes" if ok else "NO"
     print(f"Speed, {n_tok} new tokens per generation (EOS suppressed), greedy; median of {reps} interleaved rounds "
           f"after {warm} warm-up (noisy shared machine: compare ratios, not seconds); routed experts for the prompt: {', '.join(f'{e.name} {e.weight:.2f}' for e in routing.experts)}; "
           f"adapters: {kind}")
@@ -300,7 +300,7 @@ def _relative(info: dict) -> dict:
     return info
 
 
-def _paths(local) -> dict:  # noqa: ANN001
+def _paths(local) -> dict:
     """The fast paths the local backend runs with (docs/performance.md)."""
     plan = getattr(local.base, "gemm", None)
     fl = getattr(local, "fast_lora", None)

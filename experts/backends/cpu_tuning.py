@@ -191,7 +191,7 @@ def install_gemm(model: Any, plan: GemmPlan) -> int:
 
     LoRA wrappers are left alone here (their ``base_layer`` is a plain Linear and gets patched).
     """
-    import torch.nn as nn
+    from torch import nn
 
     if plan.path != "wxt" or plan.max_rows <= 0:
         return 0

@@ -80,7 +80,7 @@ class FastLora:
         try:
             from peft.utils.other import AuxiliaryTrainingWrapper
         except ImportError:  # older peft
-            AuxiliaryTrainingWrapper = ()  # noqa: N806
+            AuxiliaryTrainingWrapper = ()
         if AuxiliaryTrainingWrapper and any(isinstance(m, AuxiliaryTrainingWrapper) for m in lora_model.modules()):
             return False  # modules_to_save need peft's own hooks
         for mod in lora_model.modules():

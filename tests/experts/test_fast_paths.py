@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from experts.backends.base import GenerationConfig
 from expertmix.errors import ConfigError
+from experts.backends.base import GenerationConfig
 
 MSGS = [{"role": "user", "content": "How should a team budget for a new product launch?"}]
 ROWS = ["finance", "engineering", "product", "__base__"]
@@ -101,7 +101,7 @@ def test_small_rows_linear_equals_linear() -> None:
 
 
 def test_gemm_path_keeps_greedy_output(local_backend: Any) -> None:
-    import torch.nn as nn
+    from torch import nn
 
     plan = local_backend.base.gemm
     if plan is None or plan.path != "wxt":
@@ -136,7 +136,7 @@ def test_gemm_probe_is_cached(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_int8_linear_is_close_to_float() -> None:
     import torch
-    import torch.nn as nn
+    from torch import nn
 
     from experts.quantize import Int8Linear, quantize_model
 
