@@ -23,9 +23,11 @@ __all__ = ["AbstainData", "candidate_rules", "fit_abstain"]
 #: Combined candidates, tried when their parts are available (in_domain needs off-topic rows).
 COMBOS: tuple[tuple[str, ...], ...] = (
     ("knn", "mahalanobis"),
+    ("knn", "mahalanobis", "energy"),
     ("knn", "in_domain"),
     ("mahalanobis", "in_domain"),
     ("knn", "mahalanobis", "in_domain"),
+    ("knn", "mahalanobis", "energy", "in_domain"),
 )
 
 
@@ -73,6 +75,8 @@ def candidate_rules(model: RouterModel, data: AbstainData, config: Any) -> dict[
     cfg = config
     has_ood = len(data.x_ood_fit) > 0
     base = AbstainRule(target_false_reject=cfg.max_false_reject, knn_k=cfg.knn_k)
+    if cfg.abstain_score == "max_prob":  # nothing else to fit (e.g. LOSO folds, which score argmax only)
+        return {"max_prob": _with(base, score="max_prob")}
     base.bank = data.x_bank.astype(np.float32)
     n_units = int(data.unit.max()) + 1
     sub, n_sub = _maha_units(data.x_fit, data.unit, n_units, cfg.ood_units, cfg.seed)

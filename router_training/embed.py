@@ -151,9 +151,10 @@ class Encoder:
         keys = [self._text_key(t) for t in texts]
         found = store.get(keys)
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True) if k not in found))
-        if missing:
-            vecs = self._encode_batches(missing, progress=progress)
-            new = {self._text_key(t): v for t, v in zip(missing, vecs, strict=True)}
+        for start in range(0, len(missing), 1024):  # stored chunk by chunk: an interrupted run keeps its work
+            chunk = missing[start : start + 1024]
+            vecs = self._encode_batches(chunk, progress=progress)
+            new = {self._text_key(t): v for t, v in zip(chunk, vecs, strict=True)}
             store.put(new)
             found.update(new)
         return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
