@@ -109,8 +109,7 @@ class Orchestrator:
         self.config = config
         self.settings = config.orchestrator
         self.router = router if router is not None else Router.load(config.router.path)
-        names = [e.name for e in config.experts]
-        check_labels(self.router, names)
+        self.router = self._live_or_check(self.router, [e.name for e in config.experts], check_labels)
         routes, self.local = _build_backends(config, backends or {})
         self.batcher: DynamicBatcher | None = None
         if batching and self.local is not None:
@@ -134,6 +133,27 @@ class Orchestrator:
             self.local.merged.max_size = self.settings.merge_cache_size
         self.log = AnswerLog(self.settings.log_file, log_text=self.settings.log_query_text) if self.settings.log_file else None
         self._closed = threading.Event()
+
+    def _live_or_check(self, router: Router, names: list[str], check: Any) -> Router:
+        """The router as trained, or — when the config added experts (with a description) or removed
+        some since the router was trained — a live router that routes to an added expert by its
+        description and never to a removed one, until a router trained on these experts is promoted."""
+        labels = set(getattr(router, "labels", ()))
+        added = [e for e in self.config.experts if e.name not in labels]
+        removed = frozenset(labels - set(names))
+        if (not added and not removed) or not hasattr(router, "_embed") or any(not e.description for e in added):
+            check(router, names)  # nothing to bridge, or no description to route by: RouterMismatch names it
+            return router
+        from orchestrator import lifecycle
+
+        logger.warning(
+            "router %s was trained without %s%s: routing to added experts by their description until a router "
+            "trained on these experts is promoted (expertmix router train ...)",
+            getattr(router, "path", None) or "default", ", ".join(e.name for e in added) or "-",
+            f" and still knows removed {', '.join(sorted(removed))}" if removed else "",
+        )
+        centroids = {e.name: lifecycle._unit(router._embed([e.description]))[0] for e in added}
+        return lifecycle.live_router(self, router, added=centroids, removed=removed)
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, **kwargs: Any) -> Orchestrator:

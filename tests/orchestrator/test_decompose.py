@@ -156,3 +156,24 @@ def test_sections_and_headings() -> None:
     assert heading("how should we hedge our EUR revenue?") == "How should we hedge our EUR revenue"
     assert heading(" ".join(["word"] * 20)).endswith("…")
     assert sections([("What is EBITDA?", "Earnings before..."), ("Empty", "  ")]) == "**What is EBITDA**\nEarnings before..."
+
+
+def test_config_edited_after_training_loads_with_live_routing(random_adapters, tmp_path) -> None:
+    """`experts add` / `experts remove` edit the config before a router is retrained: it still loads,
+    an added expert is routed to by its description, a removed one never."""
+    from orchestrator import Orchestrator
+    from orchestrator.routing import Router
+
+    text = f'[base]\nmodel = "smollm2-135m-instruct"\n[orchestrator]\nmax_new_tokens = {NEW}\n'
+    for name in ("finance", "engineering"):
+        text += f'\n[[experts]]\nname = "{name}"\nadapter = "{random_adapters[name]}"\n'
+    text += (f'\n[[experts]]\nname = "legal"\nadapter = "{random_adapters["product"]}"\n'
+             'description = "Legal: contracts, NDAs, clauses, liability, compliance and lawsuits."\n')
+    cfg = tmp_path / "edited.toml"
+    cfg.write_text(text)
+    with Orchestrator.from_config(cfg, router=Router.load()) as o:
+        assert set(o.router.labels) == {"finance", "engineering", "legal"}
+        r = o.route("Which clauses should a mutual NDA with a supplier contain, and who is liable for breaches?")
+        assert r.experts[0].name == "legal" and "live expert" in (r.reason or "")
+        assert all(e.name != "product" for e in o.route("Write a user story for the checkout page.").experts)
+        assert o.route("How do I reverse a list in Python?").experts[0].name == "engineering"

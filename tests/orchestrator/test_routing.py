@@ -13,7 +13,6 @@ import typer
 from typer.testing import CliRunner
 
 from expertmix.errors import InputError, RouterArtifactError, RouterMismatch
-from orchestrator.cli_router import register
 from orchestrator.routing import Router, Routing, check_labels
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,18 +104,13 @@ def test_routing_to_dict_schema(router: Router) -> None:
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
+    from orchestrator.cli import app  # `route` is a top-level command of the real CLI
 
-    @app.callback()
-    def _root() -> None:
-        """test app"""
-
-    register(app)
     return app
 
 
 def test_cli_route_json(router: Router) -> None:
-    res = CliRunner().invoke(_app(), ["route", "How do I reverse a list in Python?", "--json", "--k", "2"])
+    res = CliRunner().invoke(_app(), ["route", "How do I reverse a list in Python?", "--json", "--k", "2", "--min-weight", "0", "--local"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["query"] == "How do I reverse a list in Python?"
