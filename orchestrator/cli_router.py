@@ -100,6 +100,21 @@ def train(
     abstain_score: AbstainOpt = "auto",
     embedding_model: EmbeddingOpt = None,
     min_per_label: Annotated[int, typer.Option(help="Minimum rows per label.")] = 5,
+    feedback: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Feedback log (expertmix feedback / POST /v1/feedback); corrections become training rows; repeatable."),
+    ] = None,
+    feedback_good: Annotated[
+        bool, typer.Option("--feedback-good", help="Also use good ratings of routed (not abstained) answers.")
+    ] = False,
+    good_weight: Annotated[float, typer.Option(help="Weight of a good rating (a correction weighs 1).")] = 0.5,
+    feedback_repeat: Annotated[
+        int, typer.Option(min=1, help="Copies of a weight-1 feedback row in the training rows (the fit has no weights).")
+    ] = 2,
+    answers: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Answer log(s) holding the question texts (default: X.jsonl beside X.feedback.jsonl)."),
+    ] = None,
 ) -> None:
     """Train a router and write it as a new version (the first version becomes current)."""
     with one_line_errors():
@@ -107,6 +122,9 @@ def train(
         from router_training.embed import EmbedConfig
         from router_training.train import train_and_save
 
+        fb_rows: list[dict[str, Any]] = []
+        if feedback:
+            fb_rows = _feedback_rows(feedback, answers, good_weight if feedback_good else None)
         path, metrics = train_and_save(
             str(data),
             val=str(val) if val else None,
@@ -126,9 +144,72 @@ def train(
             artifact_dir=str(artifact_dir) if artifact_dir else None,
             overwrite=overwrite,
             progress=True,
+            feedback=fb_rows,
+            feedback_repeat=feedback_repeat,
         )
         typer.echo(f"wrote {path}")
         _print_metrics(metrics)
+        if feedback:
+            from router_training.feedback_rows import describe
+
+            typer.echo("  " + (describe(metrics["feedback"]) if "feedback" in metrics else "feedback: no usable rows"))
+        if not artifact_dir:
+            _say_affected(Path(path), out)
+
+
+def _feedback_rows(files: list[Path], answers: list[Path] | None, good_weight: float | None) -> list[dict[str, Any]]:
+    """Training rows from feedback logs (text from the feedback or the answer log); prints the counts."""
+    from expertmix.errors import InputError
+    from orchestrator.feedback import FeedbackLog, answers_by_id, training_rows
+
+    records, malformed = [], 0
+    logs = list(answers or [])
+    for f in files:
+        if not f.is_file():
+            raise InputError(f"feedback file {f} does not exist")
+        got = FeedbackLog(f).read()
+        lines = sum(1 for line in f.read_text("utf-8", errors="replace").splitlines() if line.strip())
+        malformed += lines - len(got)
+        records += got
+        beside = f.with_name(f.name.removesuffix(".feedback.jsonl") + ".jsonl")
+        if answers is None and f.name.endswith(".feedback.jsonl") and beside.is_file():
+            logs.append(beside)
+    known: dict[str, dict[str, Any]] = {}
+    for log in logs:
+        with open(log, encoding="utf-8", errors="replace") as fh:
+            known.update(answers_by_id(fh))
+    if good_weight is not None and not (0 < good_weight <= 10):
+        raise InputError(f"--good-weight must be in (0, 10], got {good_weight}")
+    rows, counts = training_rows(records, answers=known, good_weight=good_weight)
+    counts["malformed_lines"] = malformed
+    typer.echo(
+        "feedback: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + f" ({len(records)} record(s) in {len(files)} file(s), {len(known)} answer(s) in {len(logs)} answer log(s))"
+    )
+    return rows
+
+
+def _say_affected(version_dir: Path, out: Path | None) -> None:
+    """Which configs a new store version affects (only through promote, except the first version)."""
+    from router_training.artifact import RouterStore, default_store_root
+
+    st = RouterStore(version_dir.parent)
+    version = version_dir.name
+    where = f" --store {out}" if out else ""
+    if st.current() == version and len(st.versions()) == 1:
+        typer.echo(f"{version} is current: it is the first version in {st.root}.")
+    else:
+        typer.echo(
+            f"{version} is NOT current yet (current: {st.current()}); it becomes current only on "
+            f"`expertmix router promote {version}{where}` (which compares it with the current one)."
+        )
+    follows = "configs whose [router] path names this store"
+    if out is None or Path(out).resolve() == default_store_root().resolve():
+        follows += " and configs without a [router] path"
+    typer.echo(
+        f"Affected once current: {follows} (running servers pick it up on reload); "
+        "a config whose path names a version directory is not affected."
+    )
 
 
 def evaluate(
@@ -246,31 +327,112 @@ def _evaluate_files(
     return metrics, r.labels, list(d.issues)
 
 
+def _default_val() -> Path | None:
+    """The shared routing validation file, when this checkout has one."""
+    import os
+
+    root = os.environ.get("EXPERTMIX_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    p = Path(root) / "routing" / "val.jsonl"
+    return p if p.is_file() else None
+
+
+def _routed_as_corrected(rows: list[dict[str, Any]]) -> Callable[[Path], tuple[int, int]]:
+    """(questions routed — not abstained — to their corrected expert, questions) for a router."""
+
+    def count(p: Path) -> tuple[int, int]:
+        import numpy as np
+
+        from orchestrator.routing import Router
+
+        r = Router.load(p, warm=False)
+        index = {lab: i for i, lab in enumerate(r.labels)}
+        known = [row for row in rows if row["label"] in index]
+        if not known:
+            return 0, len(rows)
+        x = r.encoder.encode([row["text"] for row in known])
+        probs = r.model.predict_proba(x)
+        routed = r.model.confidence(x, probs) >= r.model.abstain.threshold
+        y = np.array([index[row["label"]] for row in known])
+        return int(((probs.argmax(axis=1) == y) & routed).sum()), len(rows)
+
+    return count
+
+
+def _promote_feedback(
+    files: list[Path] | None, answers: list[Path] | None, candidate: Path
+) -> tuple[list[dict[str, Any]], str]:
+    """Corrected questions to check: from --feedback logs, else the ones the candidate was trained with."""
+    if files:
+        rows = [r for r in _feedback_rows(files, answers, None) if r.get("kind", "corrections") == "corrections"]
+        return rows, ", ".join(str(f) for f in files)
+    from router_training.feedback_rows import FEEDBACK_FILE
+
+    f = candidate / FEEDBACK_FILE
+    if not f.is_file():
+        return [], ""
+    rows = [json.loads(line) for line in f.read_text("utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind", "corrections") == "corrections"], f"{f.name} in {candidate.name}"
+
+
 def promote(
     version: Annotated[str, typer.Argument(help="Version to make current, e.g. v0002.")],
     store: Annotated[Optional[Path], typer.Option(help="Router store (default: expertmix home).")] = None,
     force: Annotated[bool, typer.Option(help="Promote even if it scores worse.")] = False,
-    data: Annotated[Optional[Path], typer.Option(help="Compare both routers on this labeled file.")] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option("--val", "--data", help="Held-out labeled file both routers are scored on "
+                     "(default: the shared routing val.jsonl if present, else the stored metrics)."),
+    ] = None,
+    feedback: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Feedback log(s) whose corrected questions it must route as corrected "
+                     "(default: the corrections it was trained with); repeatable."),
+    ] = None,
+    answers: Annotated[Optional[list[Path]], typer.Option(help="Answer log(s) with the question texts.")] = None,
+    min_feedback: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of corrected questions it must route as corrected.")
+    ] = 0.8,
+    max_drop: Annotated[float, typer.Option(min=0.0, max=1.0, help="Held-out macro-F1 it may lose.")] = 0.0,
     ood_label: OodLabel = None,
     text_field: TextField = "text",
     label_field: LabelField = "label",
 ) -> None:
-    """Make VERSION current, atomically; refuses one that scores worse unless --force."""
+    """Make VERSION current, atomically; refuses one that is worse than the current router unless --force.
+
+    Worse: lower macro-F1 on held-out data (--val), or fewer than --min-feedback of the corrected
+    feedback questions routed to the corrected expert. Both numbers are printed.
+    """
     with one_line_errors():
         from router_training.artifact import RouterStore
 
+        st = RouterStore(store)
+        candidate = st.path(version)
+        val = data if data is not None else _default_val()
         score: Callable[[Path], float] | None = None
-        if data is not None:
-
+        if val is not None:
             from router_training.data import DataConfig
 
             dcfg = DataConfig(text_field=text_field, label_field=label_field, ood_label=ood_label, on_conflict="drop")
 
             def score(p: Path) -> float:
-                m, _, _ = _evaluate_files(p, data, None, dcfg)
+                m, _, _ = _evaluate_files(p, val, None, dcfg)
                 return float(m["macro_f1"])
 
-        typer.echo(RouterStore(store).promote(version, force=force, score=score))
+            if data is None:
+                typer.echo(f"held-out data: {val} (default; --val FILE to choose)")
+        rows, source = _promote_feedback(feedback, answers, candidate)
+        if rows:
+            typer.echo(f"corrected feedback questions: {len(rows)} from {source}")
+        typer.echo(
+            st.promote(
+                version,
+                force=force,
+                score=score,
+                feedback=_routed_as_corrected(rows) if rows else None,
+                min_feedback=min_feedback,
+                max_drop=max_drop,
+            )
+        )
 
 
 def versions(

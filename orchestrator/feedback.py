@@ -148,6 +148,7 @@ def training_rows(
     ``good_weight`` is set — good ratings of routed answers as rows of that weight for the expert the
     router chose. The question text comes from the feedback, else from the answer log (``answers``).
     Deduplicated by text (the latest feedback wins); the counts say what was used and what was not.
+    Each row is ``{"text", "label", "weight", "source": "feedback", "kind": "corrections"|"good"}``.
     """
     answers = answers or {}
     counts = {"corrections": 0, "good": 0, "skipped_no_text": 0, "skipped_no_label": 0, "duplicates": 0,
@@ -176,5 +177,4 @@ def training_rows(
             counts[rows[key]["kind"]] -= 1
         rows[key] = {"text": text, "label": label, "weight": weight, "source": "feedback", "kind": kind}
         counts[kind] += 1
-    out = [{k: v for k, v in r.items() if k != "kind"} for r in rows.values()]
-    return out, counts
+    return list(rows.values()), counts

@@ -62,36 +62,56 @@ class RouterStore:
         *,
         force: bool = False,
         score: Callable[[Path], float] | None = None,
+        feedback: Callable[[Path], tuple[int, int]] | None = None,
+        min_feedback: float = 0.8,
+        max_drop: float = 0.0,
     ) -> str:
-        """Make ``version`` current; refuse one that scores worse than the current one.
+        """Make ``version`` current; refuse one that is worse than the current one.
 
-        Scores are macro-F1 on the same evaluation data: the metrics stored in both
-        artifacts when their evaluation-data hashes agree, else ``score(path)`` when
-        given. Returns a one-line summary.
+        Held-out: macro-F1 on the same evaluation data, ``score(path)`` when given, else the
+        metrics stored in both artifacts when their evaluation-data hashes agree; the candidate
+        may lose at most ``max_drop``. Feedback: ``feedback(path)`` gives (routed as corrected,
+        corrected questions); the candidate must reach ``min_feedback`` of them. ``force``
+        promotes anyway. Returns a one-line summary with the numbers.
         """
         cand_path = self.path(version)
         cur = self.current()
-        if cur is None or cur == version or force:
+        if cur is None or cur == version:
             self.set_current(version)
-            return f"{version} is now current" + (" (forced)" if force and cur not in (None, version) else "")
+            return f"{version} is now current"
         cur_path = self.path(cur)
+        parts: list[str] = []
+        refused: list[str] = []
         if score is not None:
             s_cand, s_cur = score(cand_path), score(cur_path)
         else:
             m_cand, m_cur = _metrics(cand_path), _metrics(cur_path)
-            if not m_cand.get("eval_data_hash") or m_cand.get("eval_data_hash") != m_cur.get("eval_data_hash"):
+            same = bool(m_cand.get("eval_data_hash")) and m_cand.get("eval_data_hash") == m_cur.get("eval_data_hash")
+            if not same and not force:
                 raise RouterError(
                     f"{version} and current {cur} were evaluated on different data; "
-                    "pass --data FILE to compare them on the same data, or --force"
+                    "pass --val FILE to compare them on the same data, or --force"
                 )
-            s_cand, s_cur = float(m_cand["macro_f1"]), float(m_cur["macro_f1"])
-        if s_cand + 1e-9 < s_cur:
+            s_cand, s_cur = (float(m_cand["macro_f1"]), float(m_cur["macro_f1"])) if same else (None, None)
+        if s_cand is not None and s_cur is not None:
+            parts.append(f"held-out macro-F1 {s_cand:.4f} vs {s_cur:.4f} for {cur}")
+            if s_cand + max_drop + 1e-9 < s_cur:
+                refused.append(f"it scores worse than current {cur} (macro-F1 {s_cand:.4f} < {s_cur:.4f})")
+        if feedback is not None:
+            (fixed, n), (cur_fixed, _) = feedback(cand_path), feedback(cur_path)
+            if n:
+                parts.append(
+                    f"corrected feedback routed as corrected {fixed}/{n} ({fixed / n:.0%}; {cur}: {cur_fixed}/{n})"
+                )
+                if fixed < min_feedback * n - 1e-9:
+                    refused.append(f"it routes {fixed}/{n} corrected questions as corrected (needs {min_feedback:.0%})")
+        numbers = f" ({'; '.join(parts)})" if parts else ""
+        if refused and not force:
             raise RouterError(
-                f"{version} scores worse than current {cur} (macro-F1 {s_cand:.4f} < {s_cur:.4f}); "
-                "use --force to promote it anyway"
+                f"{version} not promoted: {'; '.join(refused)}{numbers}; use --force to promote it anyway"
             )
         self.set_current(version)
-        return f"{version} is now current (macro-F1 {s_cand:.4f} vs {s_cur:.4f} for {cur})"
+        return f"{version} is now current" + (" (forced)" if force else "") + numbers
 
 
 def _metrics(path: Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -329,12 +329,16 @@ def train_and_save(
     artifact_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    feedback: Sequence[Mapping[str, Any]] = (),
+    feedback_repeat: int = 2,
 ) -> tuple[str, dict[str, Any]]:
     """Load files, fit, evaluate on the held-out rows and write artifact + report.
 
     ``ood``/``ood_val``/``extra`` take one path or several. Writes a new version into
     ``store`` (the first one becomes current), or a plain artifact directory at
-    ``artifact_dir``. Returns (path written, metrics).
+    ``artifact_dir``. ``feedback`` rows ``{"text", "label", "weight"}`` are added to the training
+    rows (:mod:`router_training.feedback_rows`; counted in ``model.training["feedback"]``).
+    Returns (path written, metrics).
     """
     from router_training.artifact import RouterStore, save_model
     from router_training.data import DataConfig, data_hash, load_labeled, load_texts
@@ -356,6 +360,11 @@ def train_and_save(
             extra_data.texts += d.texts
             extra_data.labels += d.labels
             extra_data.paths += d.paths
+    fb_report, fb_used = None, []
+    if feedback:
+        from router_training.feedback_rows import merge_feedback
+
+        train, fb_report, fb_used = merge_feedback(train, feedback, repeat=feedback_repeat, val=val_data)
     encoder = Encoder(embed_config or EmbedConfig())
     fitted = fit_router(
         train,
@@ -365,10 +374,13 @@ def train_and_save(
         ood_val=ood_val_rows,
         extra=extra_data,
         config=train_config,
-        data_hash=data_hash([data, val, *ood_paths, *ood_val_paths, *extra_paths]),
+        data_hash=data_hash([data, val, *ood_paths, *ood_val_paths, *extra_paths])
+        + (f"+feedback:{fb_report['sha256']}" if fb_report else ""),
         progress=progress,
     )
     model = fitted.model
+    if fb_report is not None:
+        model.training["feedback"] = fb_report
     metrics = evaluate_arrays(model, fitted.cal_x, fitted.cal_y, fitted.cal_texts, ood_x=fitted.ood_x)
     metrics["eval_data_hash"] = (
         data_hash([val, *ood_val_paths]) if val else "holdout:" + data_hash([data, *ood_paths])
@@ -382,7 +394,14 @@ def train_and_save(
         f"Evaluated on the {metrics['eval_data']}; the temperature and threshold were fitted on it too, "
         "so false_reject_rate is the target by construction.",
     ]
+    if fb_report is not None:
+        from router_training.feedback_rows import FEEDBACK_FILE, describe, feedback_file
+
+        notes.append(describe(fb_report).capitalize() + ".")
+        metrics["feedback"] = fb_report
     extra = report_files(metrics, model.labels, title="Router training report", notes=notes)
+    if fb_used:
+        extra[FEEDBACK_FILE] = feedback_file(fb_used)
     if artifact_dir:
         out = save_model(model, artifact_dir, extra_files=extra, overwrite=overwrite)
     else:
