@@ -101,11 +101,9 @@ def loso(
     held-out share of the remaining rows for calibration; the test rows are that source's
     rows of ``train`` and ``val``. ``max_test`` caps test rows per source (first rows).
     """
-    from router_training.train import fit_router
-
     from dataclasses import replace
 
-    from router_training.train import TrainConfig
+    from router_training.train import TrainConfig, fit_router
 
     # folds are scored on the argmax: skip fitting OOD scores (the classifier is the recipe's)
     config = replace(config or TrainConfig(), abstain_score="max_prob")
@@ -125,7 +123,7 @@ def loso(
         probs = model.predict_proba(x)
         pred = np.array(model.labels)[probs.argmax(axis=1)]
         acc = float((pred == lab).mean())
-        key = src if list(s for _, s in pairs).count(src) == 1 else f"{lab}/{src}"
+        key = src if [s for _, s in pairs].count(src) == 1 else f"{lab}/{src}"
         per_source[key] = acc
         wrong = {k: int(v) for k, v in zip(*np.unique(pred[pred != lab], return_counts=True), strict=True)}
         details[key] = {
