@@ -102,18 +102,24 @@ def train(
     min_per_label: Annotated[int, typer.Option(help="Minimum rows per label.")] = 5,
     feedback: Annotated[
         Optional[list[Path]],
-        typer.Option(help="Feedback log (expertmix feedback / POST /v1/feedback); corrections become training rows; repeatable."),
+        typer.Option(
+            help="Feedback log (expertmix feedback, POST /v1/feedback); its corrections become "
+            "training rows; repeatable."
+        ),
     ] = None,
     feedback_good: Annotated[
         bool, typer.Option("--feedback-good", help="Also use good ratings of routed (not abstained) answers.")
     ] = False,
-    good_weight: Annotated[float, typer.Option(help="Weight of a good rating (a correction weighs 1).")] = 0.5,
+    good_weight: Annotated[
+        float, typer.Option(help="Weight of a good rating (a correction weighs 1).")
+    ] = 0.5,
     feedback_repeat: Annotated[
-        int, typer.Option(min=1, help="Copies of a weight-1 feedback row in the training rows (the fit has no weights).")
+        int,
+        typer.Option(min=1, help="Copies of a weight-1 feedback row (the fit takes no sample weights)."),
     ] = 2,
     answers: Annotated[
         Optional[list[Path]],
-        typer.Option(help="Answer log(s) holding the question texts (default: X.jsonl beside X.feedback.jsonl)."),
+        typer.Option(help="Answer log(s) with the question texts (default: X.jsonl by X.feedback.jsonl)."),
     ] = None,
 ) -> None:
     """Train a router and write it as a new version (the first version becomes current)."""
@@ -152,12 +158,15 @@ def train(
         if feedback:
             from router_training.feedback_rows import describe
 
-            typer.echo("  " + (describe(metrics["feedback"]) if "feedback" in metrics else "feedback: no usable rows"))
+            fb = metrics.get("feedback")
+            typer.echo("  " + (describe(fb) if fb else "feedback: no usable rows"))
         if not artifact_dir:
             _say_affected(Path(path), out)
 
 
-def _feedback_rows(files: list[Path], answers: list[Path] | None, good_weight: float | None) -> list[dict[str, Any]]:
+def _feedback_rows(
+    files: list[Path], answers: list[Path] | None, good_weight: float | None
+) -> list[dict[str, Any]]:
     """Training rows from feedback logs (text from the feedback or the answer log); prints the counts."""
     from expertmix.errors import InputError
     from orchestrator.feedback import FeedbackLog, answers_by_id, training_rows
@@ -184,7 +193,8 @@ def _feedback_rows(files: list[Path], answers: list[Path] | None, good_weight: f
     counts["malformed_lines"] = malformed
     typer.echo(
         "feedback: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-        + f" ({len(records)} record(s) in {len(files)} file(s), {len(known)} answer(s) in {len(logs)} answer log(s))"
+        + f" ({len(records)} record(s) in {len(files)} file(s); "
+        f"{len(known)} answer(s) in {len(logs)} answer log(s))"
     )
     return rows
 
@@ -331,7 +341,8 @@ def _default_val() -> Path | None:
     """The shared routing validation file, when this checkout has one."""
     import os
 
-    root = os.environ.get("EXPERTMIX_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    repo = Path(__file__).resolve().parents[1]
+    root = os.environ.get("EXPERTMIX_SHARED_DATA") or repo.parent / "shared" / "data"
     p = Path(root) / "routing" / "val.jsonl"
     return p if p.is_file() else None
 
@@ -363,7 +374,7 @@ def _promote_feedback(
 ) -> tuple[list[dict[str, Any]], str]:
     """Corrected questions to check: from --feedback logs, else the ones the candidate was trained with."""
     if files:
-        rows = [r for r in _feedback_rows(files, answers, None) if r.get("kind", "corrections") == "corrections"]
+        rows = _feedback_rows(files, answers, None)  # corrections only (no good ratings)
         return rows, ", ".join(str(f) for f in files)
     from router_training.feedback_rows import FEEDBACK_FILE
 
@@ -388,7 +399,9 @@ def promote(
         typer.Option(help="Feedback log(s) whose corrected questions it must route as corrected "
                      "(default: the corrections it was trained with); repeatable."),
     ] = None,
-    answers: Annotated[Optional[list[Path]], typer.Option(help="Answer log(s) with the question texts.")] = None,
+    answers: Annotated[
+        Optional[list[Path]], typer.Option(help="Answer log(s) with the question texts.")
+    ] = None,
     min_feedback: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of corrected questions it must route as corrected.")
     ] = 0.8,

@@ -1,7 +1,8 @@
 """Feedback rows (corrections, good ratings) merged into router training data.
 
-Rows are plain dicts ``{"text", "label", "weight", "kind"?}`` (kind: ``corrections`` or ``good``) (``orchestrator.feedback.training_rows``
-makes them from a feedback log; this package does not import ``orchestrator``). The fit has no
+Rows are plain dicts ``{"text", "label", "weight", "kind"?}`` (kind ``corrections`` or ``good``);
+``orchestrator.feedback.training_rows`` makes them from a feedback log (this package does not
+import ``orchestrator``). The fit has no
 sample weights, so a row of weight ``w`` is repeated ``max(1, round(w * repeat))`` times. Every
 row is checked with the one name rule (:mod:`expertmix.names`) and must name a label of the
 training data; a feedback text that is also in the training data replaces that row (the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -137,7 +139,7 @@ def merge_feedback(
         "already_in_training": already,
         "in_validation": sum(1 for k in kept if k in val_keys),
         "by_label": {lab: sum(1 for r in kept.values() if r[1] == lab) for lab in sorted(labels)},
-        "by_kind": {k: sum(1 for r in kept.values() if r[3] == k) for k in sorted({r[3] for r in kept.values()})},
+        "by_kind": dict(sorted(Counter(r[3] for r in kept.values()).items())),
         "sha256": hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest(),
     }
     out.issues.append(describe(report))

@@ -82,17 +82,21 @@ class RouterStore:
         cur_path = self.path(cur)
         parts: list[str] = []
         refused: list[str] = []
+        s_cand: float | None = None
+        s_cur: float | None = None
         if score is not None:
             s_cand, s_cur = score(cand_path), score(cur_path)
         else:
             m_cand, m_cur = _metrics(cand_path), _metrics(cur_path)
-            same = bool(m_cand.get("eval_data_hash")) and m_cand.get("eval_data_hash") == m_cur.get("eval_data_hash")
+            h = m_cand.get("eval_data_hash")
+            same = bool(h) and h == m_cur.get("eval_data_hash")
             if not same and not force:
                 raise RouterError(
                     f"{version} and current {cur} were evaluated on different data; "
                     "pass --val FILE to compare them on the same data, or --force"
                 )
-            s_cand, s_cur = (float(m_cand["macro_f1"]), float(m_cur["macro_f1"])) if same else (None, None)
+            if same:
+                s_cand, s_cur = float(m_cand["macro_f1"]), float(m_cur["macro_f1"])
         if s_cand is not None and s_cur is not None:
             parts.append(f"held-out macro-F1 {s_cand:.4f} vs {s_cur:.4f} for {cur}")
             if s_cand + max_drop + 1e-9 < s_cur:
@@ -101,10 +105,13 @@ class RouterStore:
             (fixed, n), (cur_fixed, _) = feedback(cand_path), feedback(cur_path)
             if n:
                 parts.append(
-                    f"corrected feedback routed as corrected {fixed}/{n} ({fixed / n:.0%}; {cur}: {cur_fixed}/{n})"
+                    f"corrected feedback routed as corrected {fixed}/{n} "
+                    f"({fixed / n:.0%}; {cur}: {cur_fixed}/{n})"
                 )
                 if fixed < min_feedback * n - 1e-9:
-                    refused.append(f"it routes {fixed}/{n} corrected questions as corrected (needs {min_feedback:.0%})")
+                    refused.append(
+                        f"it routes {fixed}/{n} corrected questions as corrected (needs {min_feedback:.0%})"
+                    )
         numbers = f" ({'; '.join(parts)})" if parts else ""
         if refused and not force:
             raise RouterError(
