@@ -82,7 +82,9 @@ class _LRU:
                 self._d.popitem(last=False)
 
 
-def _weights(order: np.ndarray, probs: np.ndarray, labels: Sequence[str], k: int, min_weight: float):
+def _weights(
+    order: np.ndarray, probs: np.ndarray, labels: Sequence[str], k: int, min_weight: float
+) -> tuple[ExpertWeight, ...]:
     top = [int(i) for i in order[:k]]
     total = float(sum(probs[i] for i in top)) or 1.0
     chosen = [(labels[i], float(probs[i]) / total) for i in top]

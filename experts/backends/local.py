@@ -57,7 +57,7 @@ def validate_adapter_dir(path: Path, *, expert: str) -> dict[str, Any]:
     if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
         raise AdapterError(f"expert {expert!r}: {path} has no adapter_model.safetensors", expert=expert)
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"expert {expert!r}: {cfg_path} is not valid JSON: {exc}", expert=expert) from exc
     if cfg.get("peft_type") not in ("LORA", None):
@@ -336,7 +336,7 @@ class LocalBackend:
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
                 errors.append(exc)
             finally:
-                streamer.end()
+                streamer.end()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
 
         thread = threading.Thread(target=run, name=f"expertmix-stream-{expert}", daemon=True)
         thread.start()

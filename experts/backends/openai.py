@@ -37,7 +37,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -328,7 +328,7 @@ class OpenAIBackend:
             msg += " (check the expert's api_key)"
         return ExpertUnavailable(msg, expert=expert, status_code=code)
 
-    async def _with_retries(self, expert: str, budget: float, attempt_fn: Any) -> Any:
+    async def _with_retries(self, expert: str, budget: float, attempt_fn: Callable[[float], Awaitable[T]]) -> T:
         """Run ``attempt_fn(deadline)`` with retries on :class:`_Retryable`, all within ``budget`` seconds."""
         deadline = time.monotonic() + budget
         last: ExpertError | None = None
@@ -412,7 +412,7 @@ class OpenAIBackend:
             nonlocal cm
             cm = self._client.stream("POST", "/chat/completions", json=body,
                                      timeout=httpx.Timeout(left, connect=min(left, 5.0)))
-            resp = await cm.__aenter__()
+            resp: httpx.Response = await cm.__aenter__()
             if resp.status_code != 200:
                 await resp.aread()
                 await cm.__aexit__(None, None, None)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from expertmix.errors import StrategyError
 from orchestrator.merge.base import MergeContext, MergeResult, MergeStrategy
 
@@ -25,12 +27,13 @@ __all__ = [
     "strategy_names",
 ]
 
-STRATEGIES: dict[str, type] = {}
+STRATEGIES: dict[str, type[MergeStrategy]] = {}
+_S = TypeVar("_S", bound=MergeStrategy)
 
 
-def register_strategy(cls: type) -> type:
+def register_strategy(cls: type[_S]) -> type[_S]:
     """Class decorator: add a strategy under ``cls.name``; duplicates are refused."""
-    name = cls.name  # type: ignore[attr-defined]
+    name = cls.name
     if name in STRATEGIES:
         raise StrategyError(f"merge strategy {name!r} is already registered")
     STRATEGIES[name] = cls

@@ -9,17 +9,20 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from expertmix.errors import StrategyError
 from orchestrator.planning.base import Part, Plan, PlanContext, Planner, part_messages
 
 __all__ = ["PLANNERS", "Part", "Plan", "PlanContext", "Planner", "get_planner", "part_messages", "register_planner"]
 
-PLANNERS: dict[str, type] = {}
+PLANNERS: dict[str, type[Planner]] = {}
+_P = TypeVar("_P", bound=Planner)
 
 
-def register_planner(cls: type) -> type:
+def register_planner(cls: type[_P]) -> type[_P]:
     """Class decorator: add a planner under ``cls.name``; duplicates are refused."""
-    name = cls.name  # type: ignore[attr-defined]
+    name = cls.name
     if name in PLANNERS:
         raise StrategyError(f"planner {name!r} is already registered")
     PLANNERS[name] = cls
