@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/expertmix ask "Write a Python function that computes compound interest on a loan."
+	$(VENV)/bin/expertmix ask "How should we hedge our EUR revenue, and what does engineering need to build for it?"
 
 test: install
 	$(PY) -m pytest -q tests

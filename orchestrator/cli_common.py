@@ -135,6 +135,8 @@ def print_trace(d: dict[str, Any]) -> None:
     """The table under an answer, from ``Answer.to_dict()`` (in-process) or a server's trace: same output."""
     r = d.get("routing") or {}
     head = f"strategy: {d.get('strategy')}"
+    if d.get("chosen_strategy") and d.get("chosen_strategy") != d.get("strategy"):
+        head += f" (ran {d['chosen_strategy']})"
     if d.get("fallback"):
         head += f"  (base model answered: {d['fallback']}{'; ' + r['reason'] if r.get('reason') else ''})"
     typer.echo(head, err=True)
