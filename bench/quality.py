@@ -44,7 +44,7 @@ import _common as C
 if TYPE_CHECKING:
     from experts.training_data import Encoded
 
-MODELS = ("base", "oracle", "top1", "top1_served", "mixture", "adapter_merge")
+MODELS = ("base", "oracle", "top1", "top1_served", "mixture", "adapter_merge", "auto_served")
 LABELS = {
     "base": "base (no adapter)",
     "oracle": "oracle (domain's own expert)",
@@ -52,6 +52,7 @@ LABELS = {
     "top1_served": "top1 as served (abstain -> base)",
     "mixture": "mixture (k=2, routed weights)",
     "adapter_merge": "adapter_merge (k=2, routed weights)",
+    "auto_served": "auto as served (the shipped default)",
 }
 
 
@@ -77,6 +78,7 @@ def run_single(*, local: Any, router: Any, data: Path, n_rows: int, max_length: 
     tokens = {d: 0 for d in C.DOMAINS}
     rows_used: dict[str, int] = {}
     truncated: dict[str, int] = {}
+    auto_split: dict[str, int] = {}
     routing_stats: dict[str, dict] = {}
     merge_times: list[float] = []
     examples: dict[str, list[dict]] = {}
@@ -105,7 +107,13 @@ def run_single(*, local: Any, router: Any, data: Path, n_rows: int, max_length: 
              "routed": [[e.name, round(e.weight, 3)] for e in r.experts], "abstained": r.abstained}
             for p, r in list(zip(pairs, routings))[:3]
         ]
-        for row, r in zip(encoded, routings):
+        from orchestrator.merge.auto import CLOSE
+        from orchestrator.planning import PlanContext, get_planner
+
+        pctx = PlanContext(router=router, k=2, min_weight=0.05)
+        plans = [get_planner("segment").plan(p.instruction, pctx) for p in pairs]
+        auto_split[domain] = sum(pl.multi for pl in plans)
+        for row, r, pl in zip(encoded, routings, plans):
             weights = {e.name: e.weight for e in r.experts}
             misses, t = local.merged.misses, time.perf_counter()
             merged = local.merged.get(weights) if len(weights) > 1 else next(iter(weights))
@@ -130,6 +138,16 @@ def run_single(*, local: Any, router: Any, data: Path, n_rows: int, max_length: 
             }
             lw = torch.tensor([math.log(w) for w in weights.values()], device=dev)[:, None]
             nll["mixture"] = -torch.logsumexp(lw + logp[[col[n] for n in weights]], dim=0)
+            # auto as served: a one-part plan runs top1 (adapter_merge when the top-2 weights are close,
+            # base when the router abstains); a question the planner splits (a false split on a
+            # single-domain row) is scored under the whole request's top expert and counted apart
+            whole = pl.routing
+            if whole.abstained and not pl.multi:
+                nll["auto_served"] = -logp[0]
+            elif not pl.multi and len(r.experts) > 1 and r.experts[1].weight >= CLOSE:
+                nll["auto_served"] = nll["adapter_merge"]
+            else:
+                nll["auto_served"] = -logp[col[whole.experts[0].name]]
             for m in MODELS:
                 sums[m][domain] += float(nll[m].sum())
             tokens[domain] += int(tgt.numel())
@@ -150,6 +168,7 @@ def run_single(*, local: Any, router: Any, data: Path, n_rows: int, max_length: 
     targets = {
         "top1_within_2pct_of_oracle": bool(rel_oracle["top1"] <= 0.02),
         "top1_at_least_10pct_below_base": bool(rel_base["top1"] <= -0.10),
+        "default_within_2pct_of_top1": bool(nll["auto_served"] / nll["top1"] - 1.0 <= 0.02),
     }
 
     print(f"Per-token NLL of reference val responses (lower is better); {', '.join(f'{d} {rows_used[d]}' for d in C.DOMAINS)} "
@@ -174,7 +193,10 @@ def run_single(*, local: Any, router: Any, data: Path, n_rows: int, max_length: 
     print(C.table(["domain", "top1 = domain", "domain in top2", "abstained", "mean top1 weight", "top1 picks"], rrows))
     print(f"targets: top1 within 2% of oracle: {'yes' if targets['top1_within_2pct_of_oracle'] else 'NO'} "
           f"({100 * rel_oracle['top1']:+.1f}%); top1 >= 10% below base: "
-          f"{'yes' if targets['top1_at_least_10pct_below_base'] else 'NO'} ({100 * rel_base['top1']:+.1f}%)")
+          f"{'yes' if targets['top1_at_least_10pct_below_base'] else 'NO'} ({100 * rel_base['top1']:+.1f}%); "
+          f"default (auto as served) within 2% of top1: {'yes' if targets['default_within_2pct_of_top1'] else 'NO'} "
+          f"({100 * (nll['auto_served'] / nll['top1'] - 1):+.1f}%; planner split "
+          f"{sum(auto_split.values())} of {n_total} single-domain rows)")
 
     return {
         "nll": nll,
@@ -188,6 +210,7 @@ def run_single(*, local: Any, router: Any, data: Path, n_rows: int, max_length: 
         "rows": rows_used,
         "tokens": tokens,
         "truncated_rows": truncated,
+        "auto_split_rows": auto_split,
         "merge_s_new_weights": {"median": C.med(merge_times) if merge_times else None,
                                 "max": max(merge_times, default=None), "n": len(merge_times),
                     "cache_hits": local.merged.hits, "cache_misses": local.merged.misses},
