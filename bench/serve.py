@@ -63,8 +63,9 @@ def _pct(xs: list[float], q: float) -> float:
 
 def adapters(work: Path) -> tuple[dict[str, Path], str, Path]:
     """The shipped adapters, or seeded random ones; plus a zero adapter (identity) for vLLM's base rows."""
-    from experts.models import resolve_base
     from helpers import make_random_adapter
+
+    from experts.models import resolve_base
 
     base_path = resolve_base()[1]
     shipped = REPO / "experts" / "default" / "adapters"
