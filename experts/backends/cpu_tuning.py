@@ -69,7 +69,8 @@ def _machine_key() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}|cores={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    # probe=2: the decision rule (ranges start at two rows); older cached probes are re-run
+    return f"{cpu}|cores={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}|probe=2"
 
 
 def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> torch.Tensor:
@@ -82,7 +83,8 @@ def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     prefill = x.dim() >= 3 and x.shape[-2] != 1
-    if prefill or rows == 0 or rows > max_rows or x.dtype != weight.dtype:
+    # one row is a matrix-vector product either way: torch's path, so k = 1 never changes
+    if prefill or rows < 2 or rows > max_rows or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
     y = (weight @ x2.t()).t()
@@ -104,7 +106,7 @@ def probe_gemm(shapes: dict[str, tuple[int, int]], *, reps: int = 5, rows: tuple
     """Time ``linear`` vs ``wxt`` on random weights of ``shapes`` for each row count, interleaved.
 
     Returns ``{"rows": {r: {"default_ms": .., "wxt_ms": ..}}, "max_rows": n}`` where ``n`` is
-    the largest row count up to which ``wxt`` is not slower in total over the shapes.
+    the largest row count (from 2) up to which ``wxt`` is not slower in total over the shapes.
     """
     import torch
     import torch.nn.functional as F
@@ -136,10 +138,12 @@ def probe_gemm(shapes: dict[str, tuple[int, int]], *, reps: int = 5, rows: tuple
                 t.append(b if first is default else a)
             dm, tm = statistics.median(d) * 1e3, statistics.median(t) * 1e3
             table[str(r)] = {"default_ms": round(dm, 3), "wxt_ms": round(tm, 3)}
-            # contiguous from one row: the first row count where wxt loses ends its range
-            losing = losing or tm > dm * 1.02
-            if not losing:
-                max_rows = r
+            # contiguous from two rows (one row always keeps torch's path, so its timing is only
+            # reported): the first row count where wxt loses ends its range
+            if r >= 2:
+                losing = losing or tm > dm * 1.02
+                if not losing:
+                    max_rows = r
     return {"rows": table, "max_rows": max_rows, "shapes": {k: list(s) for k, s in shapes.items()}, "reps": reps}
 
 
