@@ -420,12 +420,8 @@ class Orchestrator:
                  cancel: CancelToken | None = None) -> Generation:
         """Ask one named expert directly (``__base__`` = the base model), with the same decoding
         settings as ``ask``. Errors propagate, typed."""
-        opts = RequestOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              stop=tuple(stop) if isinstance(stop, list) else stop,
-                              repetition_penalty=repetition_penalty)
-        gen = opts.generation(self.settings)
-        messages, _ = self._prepare(query, gen)
-        self.pool.backend_for(expert)
+        messages, gen = self._direct(expert, query, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p, seed=seed, stop=stop, repetition_penalty=repetition_penalty)
         return self.pool.generate(expert, messages, gen, cancel=cancel)
 
     def generate_stream(self, expert: str, query: Query, *, max_new_tokens: int | None = None,
@@ -433,13 +429,16 @@ class Orchestrator:
                         stop: Sequence[str] | str | None = None, repetition_penalty: float | None = None,
                         cancel: CancelToken | None = None) -> Iterator[str]:
         """Stream one named expert's answer directly; closing the iterator cancels the work."""
-        opts = RequestOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              stop=tuple(stop) if isinstance(stop, list) else stop,
-                              repetition_penalty=repetition_penalty)
-        gen = opts.generation(self.settings)
+        messages, gen = self._direct(expert, query, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p, seed=seed, stop=stop, repetition_penalty=repetition_penalty)
+        return self.pool.stream(expert, messages, gen, cancel=cancel)
+
+    def _direct(self, expert: str, query: Query, **overrides: Any) -> tuple[list[Message], GenerationConfig]:
+        """The prologue of a direct request: decoding settings, checked prompt, known expert."""
+        gen = RequestOptions(**overrides).generation(self.settings)
         messages, _ = self._prepare(query, gen)
         self.pool.backend_for(expert)
-        return self.pool.stream(expert, messages, gen, cancel=cancel)
+        return messages, gen
 
     def generation_config(self, **overrides: Any) -> GenerationConfig:
         """The decoding settings a request with these overrides gets (every door uses this)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from expertmix.errors import StrategyError
 from orchestrator.execution import Outcome
 from orchestrator.merge.base import MergeContext, MergeResult
 from orchestrator.trace import Contribution
 
-__all__ = ["failed_result", "finish_of", "renormalize", "require_local", "run_weighted"]
+__all__ = ["failed_result", "finish_of", "renormalize", "require_local", "run_weighted", "whole"]
 
 
 def finish_of(*reasons: str) -> str:
@@ -37,6 +38,13 @@ def run_weighted(ctx: MergeContext) -> tuple[list[Outcome], list[Contribution], 
     contributions = [o.contribution(routed[o.expert]) for o in outcomes]
     survivors = renormalize([(o.expert, routed[o.expert]) for o in outcomes if o.ok])
     return outcomes, contributions, survivors, elapsed
+
+
+def whole(res: MergeResult) -> Iterator[str | MergeResult]:
+    """``stream`` for a strategy that only has its text at the end: the text in one chunk, then the result."""
+    if res.text:
+        yield res.text
+    yield res
 
 
 def require_local(ctx: MergeContext, strategy: str) -> None:

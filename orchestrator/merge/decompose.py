@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from experts.registry import BASE_EXPERT
 from orchestrator.merge import register_strategy
 from orchestrator.merge.base import MergeContext, MergeResult
-from orchestrator.merge.common import finish_of
+from orchestrator.merge.common import finish_of, whole
 from orchestrator.merge.compose import sections
 from orchestrator.merge.synthesis import synthesize
 from orchestrator.planning import Plan, part_messages
@@ -107,7 +107,4 @@ class Decompose:
         return res
 
     def stream(self, ctx: MergeContext) -> Iterator[str | MergeResult]:
-        res = self.run(ctx)
-        if res.text:
-            yield res.text
-        yield res
+        return whole(self.run(ctx))  # the text exists only once the whole result does

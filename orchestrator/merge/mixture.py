@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from expertmix.errors import StrategyError
 from orchestrator.merge import register_strategy
 from orchestrator.merge.base import MergeContext, MergeResult
-from orchestrator.merge.common import failed_result, require_local
+from orchestrator.merge.common import failed_result, require_local, whole
 from orchestrator.trace import Contribution
 
 __all__ = ["Mixture"]
@@ -57,7 +57,4 @@ class Mixture:
         )
 
     def stream(self, ctx: MergeContext) -> Iterator[str | MergeResult]:
-        res = self.run(ctx)
-        if res.text:
-            yield res.text
-        yield res
+        return whole(self.run(ctx))  # the text exists only once the whole result does

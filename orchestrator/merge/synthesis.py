@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 from orchestrator.merge import register_strategy
 from orchestrator.merge.base import MergeContext, MergeResult
-from orchestrator.merge.common import finish_of, run_weighted
+from orchestrator.merge.common import finish_of, run_weighted, whole
 from orchestrator.merge.compose import is_meta, sections
 
 __all__ = ["GUARD_NOTE", "Synthesis", "build_synthesis_prompt", "synthesize"]
@@ -80,8 +80,4 @@ class Synthesis:
         return res
 
     def stream(self, ctx: MergeContext) -> Iterator[str | MergeResult]:
-        # the guard needs the whole aggregator answer before anything is shown
-        res = self.run(ctx)
-        if res.text:
-            yield res.text
-        yield res
+        return whole(self.run(ctx))  # the text exists only once the whole result does
