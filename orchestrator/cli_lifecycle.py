@@ -5,6 +5,10 @@ before the file is replaced atomically; when an ``expertmix serve`` for the same
 reachable (``--server`` / ``EXPERTMIX_SERVER`` / its port file), the change is applied to it too
 (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``). ``feedback`` posts to the running
 server, or appends to the feedback log when none runs.
+
+An ``--backend openai`` expert lives on a vLLM server: the adapter is loaded there first (through
+the running expertmix server, else straight to vLLM's ``/v1/load_lora_adapter``) and the config
+is written only when that succeeded; removing one unloads it there before the config is edited.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import typer
 
 from orchestrator.cli_common import echo_json, handle_errors
 
-__all__ = ["add_expert_to_file", "register", "remove_expert_from_file"]
+__all__ = ["add_expert_to_file", "add_remote_expert", "register", "remove_expert_from_file"]
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="expertmix.toml to use.")]
 ServerOpt = Annotated[str | None, typer.Option("--server", help="URL of a running expertmix serve.",
@@ -38,13 +42,19 @@ def _load_doc(path: Path) -> Any:
 
 def _write_validated(path: Path, doc: Any) -> None:
     """Validate the edited config (as a sibling file, so relative paths resolve the same) and swap it in."""
+    from expertmix.io import atomic_write_text
+
+    atomic_write_text(path, _validated(path, doc))
+
+
+def _validated(path: Path, doc: Any) -> str:
+    """The edited config's text, after checking that it loads (as a sibling file: relative paths resolve the same)."""
     import os
     import tempfile
     import warnings
 
     import tomlkit
 
-    from expertmix.io import atomic_write_text
     from orchestrator.config import load_config
 
     text = tomlkit.dumps(doc)
@@ -57,7 +67,7 @@ def _write_validated(path: Path, doc: Any) -> None:
             load_config(tmp)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    atomic_write_text(path, text)
+    return text
 
 
 def _refuse_shipped(path: Path) -> None:
@@ -118,6 +128,112 @@ def remove_expert_from_file(path: Path, *, name: str) -> None:
     _write_validated(path, doc)
 
 
+def _remote_table(path: Path, doc: Any, *, name: str, base_url: str | None, adapter: str, description: str) -> Any:
+    """The ``[[experts]]`` table of a vLLM-served expert, appended to ``doc`` (base_url: given, else the one
+    the config's openai experts share)."""
+    import tomlkit
+
+    from expertmix.errors import ConfigError
+    from experts.registry import name_problem
+
+    _refuse_shipped(path)
+    problem = name_problem(name)
+    if problem:
+        raise ConfigError(problem, path=path, key="experts.name")
+    experts = doc.get("experts")
+    if experts is None:
+        experts = tomlkit.aot()
+        doc["experts"] = experts
+    if any(t.get("name") == name for t in experts):
+        raise ConfigError(f"expert {name!r} is already configured; remove it first or pick another name",
+                          path=path, key="experts")
+    urls = sorted({str(t.get("base_url")).rstrip("/") for t in experts if t.get("backend") == "openai"})
+    if base_url is None:
+        if len(urls) != 1:
+            raise ConfigError("say which vLLM server with --base-url (its /v1 root)"
+                              + (f"; this config uses {', '.join(urls)}" if urls else ""), path=path, key="experts")
+        base_url = urls[0]
+    table = tomlkit.table()
+    table.update({"name": name, "description": description, "backend": "openai", "base_url": base_url.rstrip("/")})
+    key = next((t.get("api_key") for t in experts if t.get("backend") == "openai" and t.get("api_key")
+                and str(t.get("base_url")).rstrip("/") == base_url.rstrip("/")), None)
+    if key:
+        table["api_key"] = key
+    table.add(tomlkit.comment(f"loaded at run time on the vLLM host from {adapter}; vLLM forgets it when it "
+                              f"restarts: add --lora-modules {name}={adapter} to its command line"))
+    experts.append(table)
+    return table
+
+
+def _direct_backend(table: Any) -> Any:
+    from experts.backends.openai import OpenAIBackend
+
+    return OpenAIBackend(str(table["base_url"]), [], api_key=table.get("api_key"), check=False, max_retries=0)
+
+
+def add_remote_expert(path: Path, *, name: str, adapter: str, description: str, base_url: str | None,
+                      server: Any) -> str:
+    """Load a vLLM-served expert (through ``server`` when one runs, else on vLLM directly), then write the
+    config; nothing is written when the load fails, and the load is undone when the write fails.
+    Returns where it was loaded."""
+    from expertmix.errors import ExpertUnavailable
+    from expertmix.io import atomic_write_text
+
+    doc = _load_doc(path)
+    table = _remote_table(path, doc, name=name, base_url=base_url, adapter=adapter, description=description)
+    text = _validated(path, doc)
+    if server is not None:
+        status, reply = _post(server, "/v1/load_lora_adapter", {
+            "lora_name": name, "lora_path": adapter, "description": description, "backend": "openai",
+            "base_url": str(table["base_url"])})
+        if status != 200:
+            raise ExpertUnavailable(f"server {server.url} did not load {name!r} (HTTP {status}): {_reason(reply)}; "
+                                    f"{path} is unchanged", expert=name, status_code=status)
+        where = f"server {server.url} (forwarded to {table['base_url']})"
+    else:
+        remote = _direct_backend(table)
+        try:
+            remote.load_adapter(name, adapter)
+        finally:
+            remote.close()
+        where = str(table["base_url"])
+    try:
+        atomic_write_text(path, text)
+    except BaseException:
+        _unload_remote(table, name, server)
+        raise
+    return where
+
+
+def _unload_remote(table: Any, name: str, server: Any) -> str:
+    """Unload a vLLM-served expert (via ``server`` when one runs); an adapter already gone is fine."""
+    from expertmix.errors import ExpertUnavailable, UnknownExpert
+
+    if server is not None:
+        status, reply = _post(server, "/v1/unload_lora_adapter", {"lora_name": name})
+        if status not in (200, 404):
+            raise ExpertUnavailable(f"server {server.url} did not unload {name!r} (HTTP {status}): {_reason(reply)}",
+                                    expert=name, status_code=status)
+        return f"server {server.url}: {'unloaded' if status == 200 else 'it was not loaded there'}"
+    remote = _direct_backend(table)
+    try:
+        remote.unload_adapter(str(table.get("remote_name") or name))
+    except UnknownExpert:
+        return f"{table['base_url']}: it was not loaded there"
+    finally:
+        remote.close()
+    return f"{table['base_url']}: unloaded"
+
+
+def _reason(reply: str) -> str:
+    import json
+
+    try:
+        return str(json.loads(reply)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return reply[:300]
+
+
 def _server(server: str | None, config: Path | None) -> Any:
     from orchestrator.client import find_server
 
@@ -145,13 +261,30 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def experts_add(
         name: Annotated[str, typer.Argument(help="Expert name (lowercase letters, digits, - or _).")],
-        adapter: Annotated[Path, typer.Option("--adapter", help="PEFT LoRA adapter directory.")],
+        adapter: Annotated[str, typer.Option("--adapter", help="PEFT LoRA adapter directory (with --backend openai: "
+                                                            "its path on the vLLM host).")],
         description: Annotated[str, typer.Option("--description", help="What the expert knows.")],
         config: Annotated[Path, typer.Option("--config", "-c", help="expertmix.toml to edit.")],
+        backend: Annotated[str, typer.Option("--backend", help="local, or openai (an adapter served by vLLM).")]
+        = "local",
+        base_url: Annotated[str | None, typer.Option("--base-url", help="--backend openai: the vLLM server's /v1 root "
+                                                     "(default: the one the config's openai experts use).")] = None,
         server: ServerOpt = None,
     ) -> None:
         """Add an expert to a config file (and to a running server for that config)."""
-        real = add_expert_to_file(config, name=name, adapter=adapter, description=description)
+        from expertmix.errors import InputError
+
+        if backend not in ("local", "openai"):
+            raise InputError(f"--backend must be local or openai, got {backend!r}")
+        if base_url is not None and backend != "openai":
+            raise InputError("--base-url names a vLLM server: use it with --backend openai")
+        if backend == "openai":
+            where = add_remote_expert(config, name=name, adapter=adapter, description=description,
+                                      base_url=base_url, server=_server(server, config))
+            typer.echo(f"loaded {name!r} on {where}; added it to {config}", err=True)
+            typer.echo(f"note: {_router_note(config)}", err=True)
+            return
+        real = add_expert_to_file(config, name=name, adapter=Path(adapter), description=description)
         typer.echo(f"added expert {name!r} to {config}", err=True)
         srv = _server(server, config)
         if srv is not None:
@@ -169,6 +302,13 @@ def register(app: typer.Typer) -> None:
         server: ServerOpt = None,
     ) -> None:
         """Remove an expert from a config file (and from a running server for that config)."""
+        table = next((t for t in (_load_doc(config).get("experts") or []) if t.get("name") == name), None)
+        if table is not None and table.get("backend") == "openai":  # unload on vLLM first; the config follows
+            _refuse_shipped(config)
+            said = _unload_remote(table, name, _server(server, config))
+            remove_expert_from_file(config, name=name)
+            typer.echo(f"{said}; removed expert {name!r} from {config}", err=True)
+            return
         remove_expert_from_file(config, name=name)
         typer.echo(f"removed expert {name!r} from {config}", err=True)
         srv = _server(server, config)

@@ -248,6 +248,9 @@ class ServerSettings:
     drop_params: bool = _opt(
         False, "Drop unknown request fields instead of answering 400 (LiteLLM's drop_params)."
     )
+    router_watch_s: float = _opt(
+        2.0, "Check the router store's CURRENT this often (seconds) and follow `router promote`; 0 = off."
+    )
 
     def __post_init__(self) -> None:
         sec = "server"
@@ -260,6 +263,7 @@ class ServerSettings:
             if getattr(self, name) < 1:
                 raise _Invalid(f"{sec}.{name}", f"must be >= 1, got {getattr(self, name)}")
         _finite(self, sec, "max_wait_ms", lo=0, hi=60_000, hint=" milliseconds")
+        _finite(self, sec, "router_watch_s", lo=0, hi=3600, hint=" seconds (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,12 @@ def _build_backends(config: ExpertmixConfig, overrides: Mapping[str, Backend]) -
     return routes, local
 
 
+def _router_version(router: Router) -> str:
+    from orchestrator.lifecycle import router_version
+
+    return router_version(router)
+
+
 @dataclass
 class _Job:
     """One query in flight: its options, decoding settings, strategy, messages, plan and routing."""
@@ -80,6 +86,7 @@ class _Job:
     plan: Plan
     t_route: float
     cancel: CancelToken | None
+    router_version: str | None = None
 
     @property
     def routing(self) -> Routing:
@@ -197,10 +204,10 @@ class Orchestrator:
         opts = RequestOptions(k=k, min_weight=min_weight)
         return self.router.route(last_user_text(normalize_messages(query)), **self._routing_args(opts))
 
-    def _routing_args(self, opts: RequestOptions) -> dict[str, Any]:
+    def _routing_args(self, opts: RequestOptions, router: Router | None = None) -> dict[str, Any]:
         k = self.config.router.k if opts.k is None else opts.k
         mw = self.config.router.min_weight if opts.min_weight is None else opts.min_weight
-        return {"k": min(k, len(self.router.labels)), "min_weight": mw}
+        return {"k": min(k, len((router or self.router).labels)), "min_weight": mw}
 
     def plan(self, query: Query, *, planner: str | None = None, k: int | None = None,
              min_weight: float | None = None) -> Plan:
@@ -208,10 +215,12 @@ class Orchestrator:
         opts = RequestOptions(planner=planner, k=k, min_weight=min_weight)
         return self._plan(last_user_text(normalize_messages(query)), opts, None, uses_plan=True)
 
-    def _plan(self, question: str, opts: RequestOptions, cancel: CancelToken | None, *, uses_plan: bool) -> Plan:
+    def _plan(self, question: str, opts: RequestOptions, cancel: CancelToken | None, *, uses_plan: bool,
+              router: Router | None = None) -> Plan:
         name = (opts.planner or self.settings.planner) if uses_plan else "none"
-        ra = self._routing_args(opts)
-        ctx = PlanContext(router=self.router, k=ra["k"], min_weight=ra["min_weight"],
+        router = router or self.router  # read once: a reload mid-request does not mix two routers
+        ra = self._routing_args(opts, router)
+        ctx = PlanContext(router=router, k=ra["k"], min_weight=ra["min_weight"],
                           max_parts=self.settings.max_parts, experts=self.expert_names,
                           generate=self._plan_generator(cancel) if name == "llm" else None)
         return get_planner(name).plan(question, ctx)
@@ -270,6 +279,7 @@ class Orchestrator:
             chosen=res.chosen or job.strategy,
             plan=plan,
             notes=list(res.notes),
+            router_version=job.router_version,
         )
         if self.log is not None:
             try:
@@ -284,8 +294,10 @@ class Orchestrator:
         gen = opts.generation(self.settings)
         strat = get_strategy(opts.strategy or self.settings.strategy)
         messages, question = self._prepare(query, gen)
-        plan = self._plan(question, opts, cancel, uses_plan=getattr(strat, "uses_plan", False))
-        return _Job(t0, opts, gen, strat.name, strat, messages, question, plan, time.perf_counter() - t0, cancel)
+        router = self.router
+        plan = self._plan(question, opts, cancel, uses_plan=getattr(strat, "uses_plan", False), router=router)
+        return _Job(t0, opts, gen, strat.name, strat, messages, question, plan, time.perf_counter() - t0, cancel,
+                    _router_version(router))
 
     def _abstains(self, job: _Job) -> bool:
         """The base model answers when the router abstains on a request that is not split across experts."""

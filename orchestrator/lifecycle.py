@@ -11,6 +11,7 @@ memory after an expert is removed, so in-flight work on them finishes.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import replace
@@ -22,9 +23,13 @@ from experts.registry import BASE_EXPERT, ExpertSpec, name_problem
 from orchestrator.routing import Router
 
 if TYPE_CHECKING:
+    from experts.backends.openai import OpenAIBackend
     from orchestrator.core import Orchestrator
 
-__all__ = ["adapter_roots", "add_expert", "check_adapter_path", "reload_router", "remove_expert", "router_version"]
+__all__ = ["RouterWatch", "adapter_roots", "add_expert", "check_adapter_path", "reload_router", "remote_backend",
+           "remote_spec_for", "remove_expert", "router_pointer", "router_version", "router_watch"]
+
+logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()  # one change at a time (changes are rare; requests never take it)
 
@@ -82,12 +87,17 @@ def check_adapter_path(path: str | Path, roots: tuple[Path, ...]) -> Path:
     return real
 
 
-def add_expert(om: Orchestrator, spec: ExpertSpec, *, examples: tuple[str, ...] = ()) -> None:
-    """Load ``spec``'s adapter (validated against the base first) and make the expert visible.
+def add_expert(om: Orchestrator, spec: ExpertSpec, *, examples: tuple[str, ...] = (),
+               remote_path: str | None = None) -> None:
+    """Load ``spec``'s adapter and make the expert visible; on any error nothing changed.
 
-    It answers ``model=NAME`` at once, and routed requests reach it when they are clearly closer
-    to its description and ``examples`` than to any trained department's description (see
-    :class:`LiveRouter`) until a router trained with its label is promoted and reloaded.
+    A local expert's adapter is validated against the base first. An ``openai`` expert's adapter is
+    loaded by its server (``remote_path``: a path on *that* host, not checked here) through
+    :meth:`~experts.backends.openai.OpenAIBackend.load_adapter`; ``spec.base_url`` picks which of the
+    servers this orchestrator already talks to. Either answers ``model=NAME`` at once, and routed
+    requests reach it when they are clearly closer to its description and ``examples`` than to any
+    trained department's description (see :class:`LiveRouter`) until a router trained with its label
+    is promoted and reloaded.
     """
     problem = name_problem(spec.name)
     if problem:
@@ -95,39 +105,91 @@ def add_expert(om: Orchestrator, spec: ExpertSpec, *, examples: tuple[str, ...] 
     with _lock:
         if spec.name in om.expert_names:
             raise InputError(f"expert {spec.name!r} is already loaded; unload it first or pick another name")
-        if spec.backend != "local":
-            raise InputError(f"expert {spec.name!r}: only local (LoRA adapter) experts can be added at run time")
-        if om.local is None:
-            raise ExpertError(f"expert {spec.name!r}: this orchestrator has no local base model to load adapters onto")
-        if spec.name in om.local.expert_names():
-            raise InputError(f"expert {spec.name!r} was unloaded but its adapter is still held by the running "
-                             "model; load it under another name (or restart to reuse the name)")
-        om.local.add_expert(spec)  # validates the adapter against the base; AdapterError if it does not fit
-        backend = om.batcher if om.batcher is not None else om.local
+        router = _router_adding(om, spec, examples)  # before loading: a failure here leaves nothing to undo
+        backend: Any
+        if spec.backend == "openai":
+            if not remote_path:
+                raise InputError(f"expert {spec.name!r}: lora_path (the adapter's path on the remote host) is required")
+            backend = remote_backend(om, spec.base_url)
+            spec = replace(spec, base_url=backend.base_url)
+            backend.load_adapter(spec.name, remote_path, spec=spec)  # typed error if the remote refuses it
+        elif spec.backend == "local":
+            if om.local is None:
+                raise ExpertError(f"expert {spec.name!r}: this orchestrator has no local base model to load "
+                                  "adapters onto")
+            if spec.name in om.local.expert_names():
+                raise InputError(f"expert {spec.name!r} was unloaded but its adapter is still held by the running "
+                                 "model; load it under another name (or restart to reuse the name)")
+            om.local.add_expert(spec)  # validates the adapter against the base; AdapterError if it does not fit
+            backend = om.batcher if om.batcher is not None else om.local
+        else:
+            raise InputError(f"expert {spec.name!r}: backend {spec.backend!r} cannot be added at run time")
         om.routes[spec.name] = backend
         om.pool.routes[spec.name] = backend
+        if spec.timeout_s is not None:
+            om.pool.timeouts[spec.name] = spec.timeout_s
         om.config = replace(om.config, experts=(*om.config.experts, spec))
-        current = om.router
-        trained = current.trained if isinstance(current, LiveRouter) else current
-        if spec.name not in trained.labels:
-            centroid = _unit(_unit(trained._embed([spec.description or spec.name, *examples])).mean(axis=0))
-            added = {**(current.added if isinstance(current, LiveRouter) else {}), spec.name: centroid}
-            removed = current.removed if isinstance(current, LiveRouter) else frozenset()
-            om.router = live_router(om, trained, added=added, removed=removed - {spec.name})
+        om.router = router
+
+
+def _router_adding(om: Orchestrator, spec: ExpertSpec, examples: tuple[str, ...]) -> Router:
+    """The router to use once ``spec`` is visible: the current one, plus ``spec`` routed by similarity."""
+    current = om.router
+    trained = current.trained if isinstance(current, LiveRouter) else current
+    if spec.name in trained.labels:
+        return current
+    centroid = _unit(_unit(trained._embed([spec.description or spec.name, *examples])).mean(axis=0))
+    added = {**(current.added if isinstance(current, LiveRouter) else {}), spec.name: centroid}
+    removed = current.removed if isinstance(current, LiveRouter) else frozenset()
+    return live_router(om, trained, added=added, removed=removed - {spec.name})
+
+
+def remote_backend(om: Orchestrator, base_url: str | None = None) -> OpenAIBackend:
+    """The OpenAI-compatible expert server this orchestrator already talks to at ``base_url`` (``None``:
+    the only one). Run-time loads are forwarded only to servers named in the config (with their api_key),
+    never to an address a request brings."""
+    from experts.backends.openai import OpenAIBackend
+
+    remotes = list({id(b): b for b in om.routes.values() if isinstance(b, OpenAIBackend)}.values())
+    if base_url:
+        want = base_url.rstrip("/")
+        found = [b for b in remotes if b.base_url == want]
+        if found:
+            return found[0]
+        raise InputError(f"base_url {base_url!r} is not an expert server of this config; run-time loads go only to "
+                         "servers configured for an expert with backend = \"openai\" (known: "
+                         f"{', '.join(b.base_url for b in remotes) or 'none'}); add one there and restart")
+    if len(remotes) == 1:
+        return remotes[0]
+    if not remotes:
+        raise InputError("this config has no backend = \"openai\" expert, so there is no remote server to forward "
+                         "to; configure one (base_url = the vLLM /v1 root) and restart")
+    raise InputError(f"this config talks to {len(remotes)} expert servers; say which with base_url "
+                     f"({', '.join(b.base_url for b in remotes)})")
 
 
 def remove_expert(om: Orchestrator, name: str) -> None:
     """Hide an expert: ``model=NAME`` answers 404 and the route tables forget it.
 
-    The router stops picking it at once (its weight is renormalized over the rest) until a router
-    without its label is promoted.
+    An ``openai`` expert is unloaded on its server first (an error there leaves it in place; a server
+    that no longer has it is fine). The router stops picking it at once (its weight is renormalized
+    over the rest) until a router without its label is promoted.
     """
+    from experts.backends.openai import OpenAIBackend
+
     with _lock:
         if name == BASE_EXPERT or name not in om.expert_names:
             raise UnknownExpert(f"unknown expert {name!r}; loaded: {', '.join(om.expert_names)}", expert=name)
+        backend = om.routes.get(name)
+        if isinstance(backend, OpenAIBackend):
+            try:
+                backend.unload_adapter(name)
+            except UnknownExpert:
+                logger.warning("expert %r: its server no longer had the adapter; removed here", name)
         om.config = replace(om.config, experts=tuple(e for e in om.config.experts if e.name != name))
         om.routes.pop(name, None)
         om.pool.routes.pop(name, None)
+        om.pool.timeouts.pop(name, None)
         current = om.router
         trained = current.trained if isinstance(current, LiveRouter) else current
         added = {n: c for n, c in (current.added if isinstance(current, LiveRouter) else {}).items() if n != name}
@@ -141,6 +203,17 @@ def spec_for(name: str, path: Path, *, description: str = "") -> ExpertSpec:
         return ExpertSpec(name=name, adapter=path, description=description)
     except Exception as exc:  # ConfigError from the spec's own checks
         raise AdapterError(f"expert {name!r}: {exc}", expert=name) from exc
+
+
+def remote_spec_for(om: Orchestrator, name: str, *, base_url: str | None = None, description: str = "") -> ExpertSpec:
+    """An ``openai`` expert spec on one of the configured expert servers (see :func:`remote_backend`)."""
+    backend = remote_backend(om, base_url)
+    key = next((e.api_key for e in om.config.experts
+                if e.backend == "openai" and (e.base_url or "").rstrip("/") == backend.base_url), None)
+    problem = name_problem(name)
+    if problem:
+        raise InputError(problem)
+    return ExpertSpec(name=name, description=description, backend="openai", base_url=backend.base_url, api_key=key)
 
 
 
@@ -228,3 +301,71 @@ def live_router(om: Orchestrator, trained: Router, *, added: dict[str, Any], rem
         return trained
     return LiveRouter(trained, added=added, removed=removed,
                       departments=_descriptions(om, trained, list(trained.labels)))
+
+
+# -- following `router promote` in a running server -------------------------------------------------------
+def router_pointer(config: Any) -> Path | None:
+    """The file ``router promote`` rewrites for this config's router (the store's ``CURRENT``), or ``None``
+    when ``[router] path`` names a version directory (pinned: only ``POST /admin/reload`` changes it)."""
+    from router_training.store import ROUTER_JSON, RouterStore
+
+    path = config.router.path
+    if path is None:
+        return RouterStore().root / "CURRENT"  # no path: the default store's current version (else shipped)
+    p = Path(path).expanduser()
+    return None if (p / ROUTER_JSON).is_file() else p / "CURRENT"
+
+
+class RouterWatch:
+    """Reload the router when its store's ``CURRENT`` changes: :meth:`poll` costs one ``stat``.
+
+    A new router is loaded and checked before the swap (see :func:`reload_router`); one that fails is
+    logged and the old router kept (:meth:`poll` says ``"failed"``), and it is tried again only when
+    ``CURRENT`` changes again.
+    """
+
+    def __init__(self, om: Orchestrator, pointer: Path, *, every_s: float) -> None:
+        self.om = om
+        self.pointer = pointer
+        self.every_s = every_s
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.pointer.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+    def poll(self) -> str | None:
+        """``"reloaded"``, ``"failed"``, or ``None`` when there was nothing to do."""
+        sig = self._signature()
+        if sig == self._seen:
+            return None
+        self._seen = sig
+        if sig is None:
+            logger.warning("router store pointer %s disappeared; keeping router %s", self.pointer,
+                           router_version(self.om.router))
+            return None
+        try:
+            version = self.pointer.read_text("utf-8").strip()
+        except OSError:
+            version = ""
+        old = router_version(self.om.router)
+        if version and version == old:
+            return None
+        try:
+            reload_router(self.om, self.pointer.parent)
+        except Exception as exc:  # noqa: BLE001 - any failure: keep serving with the router we have
+            logger.error("router store %s now names %r, but it cannot be used; keeping router %s: %s",
+                         self.pointer.parent, version, old, exc)
+            return "failed"
+        logger.info("router store %s: switched from router %s to %s", self.pointer.parent, old,
+                    router_version(self.om.router))
+        return "reloaded"
+
+
+def router_watch(om: Orchestrator, every_s: float) -> RouterWatch | None:
+    """A :class:`RouterWatch` for ``om``'s config, or ``None`` when disabled (0) or the version is pinned."""
+    pointer = router_pointer(om.config) if every_s > 0 else None
+    return RouterWatch(om, pointer, every_s=every_s) if pointer is not None else None

@@ -113,6 +113,8 @@ class Answer:
     plan: dict[str, Any] | None = None
     #: events worth counting, e.g. "synthesis_guard" (the aggregator talked about the experts)
     notes: list[str] = field(default_factory=list)
+    #: the router that routed it (its store version or directory name; ``default`` = shipped)
+    router_version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         r = self.routing.to_dict()
@@ -124,6 +126,7 @@ class Answer:
             "finish_reason": self.finish_reason,
             "plan": self.plan,
             "notes": list(self.notes),
+            "router_version": self.router_version,
             "routing": {
                 "experts": r["experts"],
                 "abstained": r["abstained"],

@@ -21,6 +21,13 @@ exponential backoff within the expert's time budget; error bodies become typed e
     no answer within the timeout    ExpertTimeout
     ==============================  ===========================================
 
+:meth:`OpenAIBackend.load_adapter` / :meth:`OpenAIBackend.unload_adapter` change the remote's set
+at run time (vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, served only when
+vLLM runs with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``): the remote refusing an adapter (400, 404)
+is an AdapterError, a vLLM without runtime updating (404 on the route itself) an AdapterError that
+says how to start it, an unknown adapter on unload UnknownExpert; auth, 5xx and connection failures
+ExpertUnavailable (not retried: a load is not idempotent).
+
 >>> from experts.registry import ExpertSpec                                   # doctest: +SKIP
 >>> b = OpenAIBackend("http://127.0.0.1:8001/v1", [ExpertSpec("finance", backend="openai",
 ...                   base_url="http://127.0.0.1:8001/v1")])                  # doctest: +SKIP
@@ -43,7 +50,14 @@ from typing import Any, TypeVar
 
 import httpx
 
-from expertmix.errors import ExpertError, ExpertTimeout, ExpertUnavailable, InputError, UnknownExpert
+from expertmix.errors import (
+    AdapterError,
+    ExpertError,
+    ExpertTimeout,
+    ExpertUnavailable,
+    InputError,
+    UnknownExpert,
+)
 from experts.backends.base import CancelToken, Generation, GenerationConfig
 from experts.prompts import Message
 from experts.registry import BASE_EXPERT, ExpertSpec
@@ -73,6 +87,15 @@ def _error_message(resp: httpx.Response) -> str:
         if body.get("detail"):
             return str(body["detail"])[:500]
     return str(body)[:300]
+
+
+def _route_missing(resp: httpx.Response) -> bool:
+    """A 404 from the web framework (no such route), not from vLLM's own handler (which names the adapter)."""
+    try:
+        body = resp.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True
+    return not isinstance(body, dict) or body == {"detail": "Not Found"} or not (body.get("error") or body.get("message"))
 
 
 class _Retryable(Exception):
@@ -214,6 +237,64 @@ class OpenAIBackend:
                 yield item
         finally:
             fut.cancel()
+
+    def load_adapter(self, name: str, path: str, *, spec: ExpertSpec | None = None, timeout_s: float = 120.0) -> None:
+        """Ask the remote to load the LoRA adapter at ``path`` (a path *on the remote host*, or whatever its
+        ``lora_path`` accepts) as model ``name``; on success this backend serves expert ``name`` (``spec``,
+        else a plain openai spec). Typed errors as in the module docstring; on error nothing changed here."""
+        if spec is not None and spec.name != name:
+            raise InputError(f"load_adapter: spec {spec.name!r} is not for adapter {name!r}")
+        self._run(self._admin("load_lora_adapter", {"lora_name": name, "lora_path": path}, name, timeout_s),
+                  what="load_lora_adapter")
+        spec = spec or ExpertSpec(name=name, backend="openai", base_url=self.base_url)
+        # copy-and-swap: requests in flight read the old tables, new ones the new
+        self.specs = {**self.specs, name: spec}
+        self._remote = {**self._remote, name: name}
+
+    def unload_adapter(self, name: str, *, timeout_s: float = 120.0) -> None:
+        """Ask the remote to unload model ``name`` and stop serving expert ``name`` here. An adapter the
+        remote does not have raises UnknownExpert (and is forgotten here too: the remote lacks it anyway)."""
+        remote = self._remote.get(name, name)
+        try:
+            self._run(self._admin("unload_lora_adapter", {"lora_name": remote}, name, timeout_s),
+                      what="unload_lora_adapter")
+        except UnknownExpert:
+            self.forget(name)
+            raise
+        self.forget(name)
+
+    def forget(self, name: str) -> None:
+        """Stop serving expert ``name`` from this backend (no remote call)."""
+        self.specs = {n: s for n, s in self.specs.items() if n != name}
+        self._remote = {n: r for n, r in self._remote.items() if n != name}
+
+    async def _admin(self, route: str, body: dict[str, Any], expert: str, timeout_s: float) -> None:
+        """One POST to vLLM's adapter-management ``route``; any refusal becomes a typed error."""
+        try:
+            resp = await self._client.post(f"/{route}", json=body, timeout=timeout_s)
+        except httpx.TimeoutException:
+            raise ExpertTimeout(f"{self.base_url}/{route}: no answer within {timeout_s:g} s", expert=expert) from None
+        except httpx.HTTPError as exc:
+            raise ExpertUnavailable(f"cannot reach {self.base_url}/{route}: {type(exc).__name__}: {exc}",
+                                    expert=expert) from exc
+        if resp.status_code == 200:
+            return
+        code, msg = resp.status_code, f"{self.base_url}/{route}: HTTP {resp.status_code}: {_error_message(resp)}"
+        if code == 404 and _route_missing(resp):
+            raise AdapterError(
+                f"{self.base_url} does not offer /{route} (HTTP 404): start vLLM with "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment (and --enable-lora) to change its "
+                "adapters at run time", expert=expert)
+        if code == 404 and route == "unload_lora_adapter":
+            raise UnknownExpert(msg, expert=expert)
+        if code in (400, 404, 422):
+            raise AdapterError(f"{msg} (lora_path is read on the remote host)" if route == "load_lora_adapter"
+                               else msg, expert=expert)
+        if code in (401, 403):
+            msg += " (check the expert's api_key)"
+        if code in (408, 504):
+            raise ExpertTimeout(msg, expert=expert)
+        raise ExpertUnavailable(msg, expert=expert, status_code=code)
 
     def close(self) -> None:
         """Cancel pending requests, close the connection pool, stop the loop thread. Never hangs."""

@@ -3,18 +3,22 @@
     POST /v1/route                  {"input": text | [texts], "k"?, "min_weight"?} → the routing, no generation
     POST /v1/feedback               {"id", "rating": "good"|"bad", "expert"?, "comment"?, "text"?}
     POST /admin/reload              load the router again (config path / store's current) and swap it in
-    POST /v1/load_lora_adapter      {"lora_name", "lora_path"} (vLLM's shape): a new local expert, validated first
-    POST /v1/unload_lora_adapter    {"lora_name"}
+    POST /v1/load_lora_adapter      {"lora_name", "lora_path"} (vLLM's shape): a new local expert, validated first;
+                                    with "backend": "openai" (and "base_url" when the config has several expert
+                                    servers) the load is forwarded to that vLLM server instead
+    POST /v1/unload_lora_adapter    {"lora_name"} (forwarded to its vLLM server for an openai expert)
 
-The last three change the server: they need the server to have an API key (403 otherwise),
-and adapter paths must lie under the adapter roots (the config file's directory, the packaged
-adapters, ``EXPERTMIX_ADAPTER_ROOTS``): no reading arbitrary files.
+The last three change the server: they need the server to have an API key (403 otherwise).
+Local adapter paths must lie under the adapter roots (the config file's directory, the packaged
+adapters, ``EXPERTMIX_ADAPTER_ROOTS``): no reading arbitrary files. A remote expert's ``lora_path``
+is a path on the vLLM host and is not checked here; loads are forwarded only to expert servers the
+config already names (never to an address a request brings).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse
@@ -51,6 +55,10 @@ class LoadAdapter(BaseModel):
     description: str = Field(default="", max_length=500)
     #: questions this expert should answer: with the description, they route to it until the router is retrained
     examples: list[str] = Field(default_factory=list, max_length=100)
+    #: "openai": load it on a configured vLLM server (lora_path is a path on that host)
+    backend: Literal["local", "openai"] = "local"
+    #: which configured expert server (its /v1 root, as in the config); needed only when there are several
+    base_url: str | None = Field(default=None, max_length=2048)
 
 
 class UnloadAdapter(BaseModel):
@@ -105,7 +113,16 @@ def install_admin(app: FastAPI, state: ServerState, check_auth: Callable[..., No
 
     @app.post("/v1/load_lora_adapter", dependencies=admin)
     async def load_adapter(req: LoadAdapter) -> PlainTextResponse:
+        if req.base_url is not None and req.backend != "openai":
+            raise OpenAIError(400, 'base_url names a remote expert server: send it with "backend": "openai"',
+                              param="base_url", code="invalid_input")
+
         def load() -> None:
+            if req.backend == "openai":
+                spec = lifecycle.remote_spec_for(om, req.lora_name, base_url=req.base_url,
+                                                 description=req.description)
+                lifecycle.add_expert(om, spec, examples=tuple(req.examples), remote_path=req.lora_path)
+                return
             path = lifecycle.check_adapter_path(req.lora_path, lifecycle.adapter_roots(om.config, tuple(adapter_roots)))
             lifecycle.add_expert(om, lifecycle.spec_for(req.lora_name, path, description=req.description),
                                  examples=tuple(req.examples))

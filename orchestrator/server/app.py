@@ -200,11 +200,18 @@ def create_app(
     settings = settings or om.config.server
     state = ServerState(om, settings, batching=batching, owns_orchestrator=owns_orchestrator)
 
+    from orchestrator.lifecycle import router_watch
+
+    watch = router_watch(om, settings.router_watch_s)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_follow_router(state, watch)) if watch is not None else None
         try:
             yield
         finally:
+            if task is not None:
+                task.cancel()
             state.close()
 
     app = FastAPI(title="expertmix", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -326,6 +333,22 @@ def create_app(
 
     install_admin(app, state, check_auth, adapter_roots)
     return app
+
+
+async def _follow_router(state: ServerState, watch: Any) -> None:
+    """Every ``router_watch_s``: one stat of the router store's CURRENT; on a change, reload and swap
+    in a worker thread (requests in flight keep their router; a broken one is logged and counted)."""
+    while not state.closing:
+        await asyncio.sleep(watch.every_s)
+        try:
+            result = await state.run(watch.poll)
+        except RuntimeError:  # the worker pool is shut down: the server is stopping
+            return
+        except Exception:
+            logger.exception("router watch failed")
+            continue
+        if result is not None:
+            state.metrics.router_reloads.labels(result).inc()
 
 
 async def _watch(request: Request, fut: Any, work: Work) -> Any:

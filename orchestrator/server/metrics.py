@@ -45,6 +45,8 @@ class Metrics:
                                     registry=r)
         self.in_flight = Gauge("expertmix_requests_in_flight", "Chat requests being served now.", registry=r)
         self.rejected = Counter("expertmix_rejected", "Requests refused before running, by reason.", ["reason"], registry=r)
+        self.router_reloads = Counter("expertmix_router_reloads", "Router store changes followed (router_watch_s): "
+                                      "reloaded, or failed (the old router kept).", ["result"], registry=r)
         self.batch_rows = Histogram("expertmix_batch_rows", "Rows per decoded batch (dynamic batching).",
                                     buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64), registry=r)
         self.batch_jobs = Histogram("expertmix_batch_jobs", "Queued generate calls merged into one batch.",
