@@ -48,7 +48,7 @@ def _write_validated(path: Path, doc: Any) -> None:
 
 
 def _validated(path: Path, doc: Any) -> str:
-    """The edited config's text, after checking that it loads (as a sibling file: relative paths resolve the same)."""
+    """The edited config's text, once it loads (as a sibling file: relative paths resolve the same)."""
     import os
     import tempfile
     import warnings
@@ -128,7 +128,8 @@ def remove_expert_from_file(path: Path, *, name: str) -> None:
     _write_validated(path, doc)
 
 
-def _remote_table(path: Path, doc: Any, *, name: str, base_url: str | None, adapter: str, description: str) -> Any:
+def _remote_table(path: Path, doc: Any, *, name: str, base_url: str | None, adapter: str,
+                  description: str) -> Any:
     """The ``[[experts]]`` table of a vLLM-served expert, appended to ``doc`` (base_url: given, else the one
     the config's openai experts share)."""
     import tomlkit
@@ -150,11 +151,13 @@ def _remote_table(path: Path, doc: Any, *, name: str, base_url: str | None, adap
     urls = sorted({str(t.get("base_url")).rstrip("/") for t in experts if t.get("backend") == "openai"})
     if base_url is None:
         if len(urls) != 1:
-            raise ConfigError("say which vLLM server with --base-url (its /v1 root)"
-                              + (f"; this config uses {', '.join(urls)}" if urls else ""), path=path, key="experts")
+            used = f"; this config uses {', '.join(urls)}" if urls else ""
+            raise ConfigError(f"say which vLLM server with --base-url (its /v1 root){used}", path=path,
+                              key="experts")
         base_url = urls[0]
     table = tomlkit.table()
-    table.update({"name": name, "description": description, "backend": "openai", "base_url": base_url.rstrip("/")})
+    table.update({"name": name, "description": description, "backend": "openai",
+                  "base_url": base_url.rstrip("/")})
     key = next((t.get("api_key") for t in experts if t.get("backend") == "openai" and t.get("api_key")
                 and str(t.get("base_url")).rstrip("/") == base_url.rstrip("/")), None)
     if key:
@@ -187,8 +190,8 @@ def add_remote_expert(path: Path, *, name: str, adapter: str, description: str, 
             "lora_name": name, "lora_path": adapter, "description": description, "backend": "openai",
             "base_url": str(table["base_url"])})
         if status != 200:
-            raise ExpertUnavailable(f"server {server.url} did not load {name!r} (HTTP {status}): {_reason(reply)}; "
-                                    f"{path} is unchanged", expert=name, status_code=status)
+            raise ExpertUnavailable(f"server {server.url} did not load {name!r} (HTTP {status}): "
+                                    f"{_reason(reply)}; {path} is unchanged", expert=name, status_code=status)
         where = f"server {server.url} (forwarded to {table['base_url']})"
     else:
         remote = _direct_backend(table)
@@ -212,8 +215,8 @@ def _unload_remote(table: Any, name: str, server: Any) -> str:
     if server is not None:
         status, reply = _post(server, "/v1/unload_lora_adapter", {"lora_name": name})
         if status not in (200, 404):
-            raise ExpertUnavailable(f"server {server.url} did not unload {name!r} (HTTP {status}): {_reason(reply)}",
-                                    expert=name, status_code=status)
+            raise ExpertUnavailable(f"server {server.url} did not unload {name!r} (HTTP {status}): "
+                                    f"{_reason(reply)}", expert=name, status_code=status)
         return f"server {server.url}: {'unloaded' if status == 200 else 'it was not loaded there'}"
     remote = _direct_backend(table)
     try:
@@ -261,14 +264,15 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def experts_add(
         name: Annotated[str, typer.Argument(help="Expert name (lowercase letters, digits, - or _).")],
-        adapter: Annotated[str, typer.Option("--adapter", help="PEFT LoRA adapter directory (with --backend openai: "
-                                                            "its path on the vLLM host).")],
+        adapter: Annotated[str, typer.Option("--adapter", help="PEFT LoRA adapter directory (with --backend "
+                                             "openai: its path on the vLLM host).")],
         description: Annotated[str, typer.Option("--description", help="What the expert knows.")],
         config: Annotated[Path, typer.Option("--config", "-c", help="expertmix.toml to edit.")],
-        backend: Annotated[str, typer.Option("--backend", help="local, or openai (an adapter served by vLLM).")]
-        = "local",
-        base_url: Annotated[str | None, typer.Option("--base-url", help="--backend openai: the vLLM server's /v1 root "
-                                                     "(default: the one the config's openai experts use).")] = None,
+        backend: Annotated[str, typer.Option("--backend", help="local, or openai (an adapter served by "
+                                             "vLLM).")] = "local",
+        base_url: Annotated[str | None, typer.Option(
+            "--base-url", help="--backend openai: the vLLM server's /v1 root (default: the one the config's "
+            "openai experts use).")] = None,
         server: ServerOpt = None,
     ) -> None:
         """Add an expert to a config file (and to a running server for that config)."""

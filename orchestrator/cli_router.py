@@ -217,7 +217,8 @@ def _say_affected(version_dir: Path, out: Path | None) -> None:
     if out is None or Path(out).resolve() == default_store_root().resolve():
         follows += " and configs without a [router] path"
     typer.echo(
-        f"Affected once current: {follows} (running servers pick it up on reload); "
+        f"Affected once current: {follows} (running servers follow it within [server] router_watch_s, "
+        "or at once on POST /admin/reload); "
         "a config whose path names a version directory is not affected."
     )
 

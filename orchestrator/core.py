@@ -296,8 +296,8 @@ class Orchestrator:
         messages, question = self._prepare(query, gen)
         router = self.router
         plan = self._plan(question, opts, cancel, uses_plan=getattr(strat, "uses_plan", False), router=router)
-        return _Job(t0, opts, gen, strat.name, strat, messages, question, plan, time.perf_counter() - t0, cancel,
-                    _router_version(router))
+        return _Job(t0, opts, gen, strat.name, strat, messages, question, plan, time.perf_counter() - t0,
+                    cancel, _router_version(router))
 
     def _abstains(self, job: _Job) -> bool:
         """The base model answers when the router abstains on a request that is not split across experts."""

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from experts.backends.openai import OpenAIBackend
     from orchestrator.core import Orchestrator
 
-__all__ = ["RouterWatch", "adapter_roots", "add_expert", "check_adapter_path", "reload_router", "remote_backend",
-           "remote_spec_for", "remove_expert", "router_pointer", "router_version", "router_watch"]
+__all__ = ["RouterWatch", "adapter_roots", "add_expert", "check_adapter_path", "reload_router",
+           "remote_backend", "remote_spec_for", "remove_expert", "router_pointer", "router_version",
+           "router_watch"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def add_expert(om: Orchestrator, spec: ExpertSpec, *, examples: tuple[str, ...] 
         backend: Any
         if spec.backend == "openai":
             if not remote_path:
-                raise InputError(f"expert {spec.name!r}: lora_path (the adapter's path on the remote host) is required")
+                raise InputError(f"expert {spec.name!r}: lora_path (the adapter's path on the remote host) "
+                                 "is required")
             backend = remote_backend(om, spec.base_url)
             spec = replace(spec, base_url=backend.base_url)
             backend.load_adapter(spec.name, remote_path, spec=spec)  # typed error if the remote refuses it
@@ -118,9 +120,9 @@ def add_expert(om: Orchestrator, spec: ExpertSpec, *, examples: tuple[str, ...] 
                 raise ExpertError(f"expert {spec.name!r}: this orchestrator has no local base model to load "
                                   "adapters onto")
             if spec.name in om.local.expert_names():
-                raise InputError(f"expert {spec.name!r} was unloaded but its adapter is still held by the running "
-                                 "model; load it under another name (or restart to reuse the name)")
-            om.local.add_expert(spec)  # validates the adapter against the base; AdapterError if it does not fit
+                raise InputError(f"expert {spec.name!r} was unloaded but its adapter is still held by the "
+                                 "running model; load it under another name (or restart to reuse the name)")
+            om.local.add_expert(spec)  # validated against the base; AdapterError if it does not fit
             backend = om.batcher if om.batcher is not None else om.local
         else:
             raise InputError(f"expert {spec.name!r}: backend {spec.backend!r} cannot be added at run time")
@@ -156,14 +158,14 @@ def remote_backend(om: Orchestrator, base_url: str | None = None) -> OpenAIBacke
         found = [b for b in remotes if b.base_url == want]
         if found:
             return found[0]
-        raise InputError(f"base_url {base_url!r} is not an expert server of this config; run-time loads go only to "
-                         "servers configured for an expert with backend = \"openai\" (known: "
+        raise InputError(f"base_url {base_url!r} is not an expert server of this config; run-time loads go "
+                         "only to servers configured for an expert with backend = \"openai\" (known: "
                          f"{', '.join(b.base_url for b in remotes) or 'none'}); add one there and restart")
     if len(remotes) == 1:
         return remotes[0]
     if not remotes:
-        raise InputError("this config has no backend = \"openai\" expert, so there is no remote server to forward "
-                         "to; configure one (base_url = the vLLM /v1 root) and restart")
+        raise InputError("this config has no backend = \"openai\" expert, so there is no remote server to "
+                         "forward to; configure one (base_url = the vLLM /v1 root) and restart")
     raise InputError(f"this config talks to {len(remotes)} expert servers; say which with base_url "
                      f"({', '.join(b.base_url for b in remotes)})")
 
@@ -205,7 +207,8 @@ def spec_for(name: str, path: Path, *, description: str = "") -> ExpertSpec:
         raise AdapterError(f"expert {name!r}: {exc}", expert=name) from exc
 
 
-def remote_spec_for(om: Orchestrator, name: str, *, base_url: str | None = None, description: str = "") -> ExpertSpec:
+def remote_spec_for(om: Orchestrator, name: str, *, base_url: str | None = None,
+                    description: str = "") -> ExpertSpec:
     """An ``openai`` expert spec on one of the configured expert servers (see :func:`remote_backend`)."""
     backend = remote_backend(om, base_url)
     key = next((e.api_key for e in om.config.experts
@@ -213,7 +216,8 @@ def remote_spec_for(om: Orchestrator, name: str, *, base_url: str | None = None,
     problem = name_problem(name)
     if problem:
         raise InputError(problem)
-    return ExpertSpec(name=name, description=description, backend="openai", base_url=backend.base_url, api_key=key)
+    return ExpertSpec(name=name, description=description, backend="openai", base_url=backend.base_url,
+                      api_key=key)
 
 
 

@@ -95,7 +95,9 @@ def _route_missing(resp: httpx.Response) -> bool:
         body = resp.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return True
-    return not isinstance(body, dict) or body == {"detail": "Not Found"} or not (body.get("error") or body.get("message"))
+    if not isinstance(body, dict) or body == {"detail": "Not Found"}:
+        return True
+    return not (body.get("error") or body.get("message"))
 
 
 class _Retryable(Exception):
@@ -238,7 +240,9 @@ class OpenAIBackend:
         finally:
             fut.cancel()
 
-    def load_adapter(self, name: str, path: str, *, spec: ExpertSpec | None = None, timeout_s: float = 120.0) -> None:
+    def load_adapter(
+        self, name: str, path: str, *, spec: ExpertSpec | None = None, timeout_s: float = 120.0
+    ) -> None:
         """Ask the remote to load the LoRA adapter at ``path`` (a path *on the remote host*, or whatever its
         ``lora_path`` accepts) as model ``name``; on success this backend serves expert ``name`` (``spec``,
         else a plain openai spec). Typed errors as in the module docstring; on error nothing changed here."""
@@ -273,13 +277,15 @@ class OpenAIBackend:
         try:
             resp = await self._client.post(f"/{route}", json=body, timeout=timeout_s)
         except httpx.TimeoutException:
-            raise ExpertTimeout(f"{self.base_url}/{route}: no answer within {timeout_s:g} s", expert=expert) from None
+            raise ExpertTimeout(f"{self.base_url}/{route}: no answer within {timeout_s:g} s",
+                                expert=expert) from None
         except httpx.HTTPError as exc:
             raise ExpertUnavailable(f"cannot reach {self.base_url}/{route}: {type(exc).__name__}: {exc}",
                                     expert=expert) from exc
         if resp.status_code == 200:
             return
-        code, msg = resp.status_code, f"{self.base_url}/{route}: HTTP {resp.status_code}: {_error_message(resp)}"
+        code = resp.status_code
+        msg = f"{self.base_url}/{route}: HTTP {code}: {_error_message(resp)}"
         if code == 404 and _route_missing(resp):
             raise AdapterError(
                 f"{self.base_url} does not offer /{route} (HTTP 404): start vLLM with "

@@ -3,9 +3,9 @@
     POST /v1/route                  {"input": text | [texts], "k"?, "min_weight"?} → the routing, no generation
     POST /v1/feedback               {"id", "rating": "good"|"bad", "expert"?, "comment"?, "text"?}
     POST /admin/reload              load the router again (config path / store's current) and swap it in
-    POST /v1/load_lora_adapter      {"lora_name", "lora_path"} (vLLM's shape): a new local expert, validated first;
-                                    with "backend": "openai" (and "base_url" when the config has several expert
-                                    servers) the load is forwarded to that vLLM server instead
+    POST /v1/load_lora_adapter      {"lora_name", "lora_path"} (vLLM's shape): a new local expert, validated
+                                    first; with "backend": "openai" (and "base_url" when the config has
+                                    several expert servers) the load is forwarded to that vLLM server
     POST /v1/unload_lora_adapter    {"lora_name"} (forwarded to its vLLM server for an openai expert)
 
 The last three change the server: they need the server to have an API key (403 otherwise).

@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("fastapi")
 typer_testing = pytest.importorskip("typer.testing")
 
-from srvutil import AUTH, KEY, Q_FIN, err, msgs  # noqa: E402
-from vllm_fake import fake_vllm_app  # noqa: E402
+from srvutil import AUTH, KEY, Q_FIN, err, msgs
+from vllm_fake import fake_vllm_app
 
 LEGAL = "/srv/loras/legal"  # paths "on the vLLM host"
 LEGAL_DESCR = "Law: contracts, leases, lawsuits, court cases, attorneys and legal compliance."
@@ -27,7 +27,9 @@ def vllm():
     """Two vLLM servers: A allows runtime LoRA updating (finance, product), B does not (engineering)."""
     from orchestrator.server.background import BackgroundServer
 
-    a = fake_vllm_app(static=("finance", "product"), host_paths=(LEGAL, "/srv/loras/corrupt", "/srv/loras/hr"))
+    a = fake_vllm_app(
+        static=("finance", "product"), host_paths=(LEGAL, "/srv/loras/corrupt", "/srv/loras/hr")
+    )
     b = fake_vllm_app(static=("engineering",), host_paths=(LEGAL,), runtime_updating=False)
     with BackgroundServer(a) as sa, BackgroundServer(b) as sb:
         sa.app, sb.app = a, b  # type: ignore[attr-defined]
@@ -44,11 +46,16 @@ def remote_server(vllm, router):
     from orchestrator.server.background import BackgroundServer
 
     a, b = vllm
-    experts = [ExpertSpec(name=n, backend="openai", base_url=url, description=f"{n} questions")
-               for n, url in (("finance", a.v1), ("engineering", b.v1), ("product", a.v1))]
-    config = ExpertmixConfig(path=None, experts=tuple(experts),
-                             orchestrator=OrchestratorSettings(max_new_tokens=4, strategy="top1", planner="none"),
-                             server=ServerSettings(api_key=KEY, router_watch_s=0))
+    experts = [
+        ExpertSpec(name=n, backend="openai", base_url=url, description=f"{n} questions")
+        for n, url in (("finance", a.v1), ("engineering", b.v1), ("product", a.v1))
+    ]
+    config = ExpertmixConfig(
+        path=None,
+        experts=tuple(experts),
+        orchestrator=OrchestratorSettings(max_new_tokens=4, strategy="top1", planner="none"),
+        server=ServerSettings(api_key=KEY, router_watch_s=0),
+    )
     with Orchestrator(config, router=router) as om, BackgroundServer(create_app(om)) as srv:
         srv.om = om  # type: ignore[attr-defined]
         yield srv
@@ -63,13 +70,21 @@ def _models(url: str) -> set[str]:
 
 
 def test_remote_load_is_forwarded_listed_routed_and_unloaded(remote_server, vllm) -> None:
-    a, b = vllm
-    load = {"lora_name": "legal", "lora_path": LEGAL, "backend": "openai", "description": LEGAL_DESCR,
-            "examples": LEGAL_EXAMPLES}
+    a, _ = vllm
+    load = {
+        "lora_name": "legal",
+        "lora_path": LEGAL,
+        "backend": "openai",
+        "description": LEGAL_DESCR,
+        "examples": LEGAL_EXAMPLES,
+    }
 
     def ask(_: int) -> int:
-        return _post(remote_server, "/v1/chat/completions", {"model": "expertmix", "messages": msgs(Q_FIN),
-                                                             "max_tokens": 4}).status_code
+        return _post(
+            remote_server,
+            "/v1/chat/completions",
+            {"model": "expertmix", "messages": msgs(Q_FIN), "max_tokens": 4},
+        ).status_code
 
     with cf.ThreadPoolExecutor(10) as pool:
         futures = [pool.submit(ask, i) for i in range(10)]
@@ -77,7 +92,10 @@ def test_remote_load_is_forwarded_listed_routed_and_unloaded(remote_server, vllm
         codes = [f.result() for f in futures]
     assert r.status_code == 200 and "legal" in r.text, r.text
     assert codes == [200] * 10, codes
-    assert ("load", {"lora_name": "legal", "lora_path": LEGAL}) in a.app.state.calls  # vLLM's shape, forwarded
+    assert (
+        "load",
+        {"lora_name": "legal", "lora_path": LEGAL},
+    ) in a.app.state.calls  # vLLM's shape, forwarded
     assert "legal" in _models(remote_server.url) and "legal" in _models(a.url)
     try:
         answer = _post(remote_server, "/v1/chat/completions", {"model": "legal", "messages": msgs(Q_FIN)})
@@ -86,7 +104,9 @@ def test_remote_load_is_forwarded_listed_routed_and_unloaded(remote_server, vllm
         routed = _post(remote_server, "/v1/route", {"input": [Q_LEGAL, Q_FIN]}).json()["data"]
         assert routed[0]["experts"][0]["name"] == "legal" and "live expert 'legal'" in routed[0]["reason"]
         assert routed[1]["experts"][0]["name"] == "finance"
-        routed_answer = _post(remote_server, "/v1/chat/completions", {"model": "expertmix", "messages": msgs(Q_LEGAL)})
+        routed_answer = _post(
+            remote_server, "/v1/chat/completions", {"model": "expertmix", "messages": msgs(Q_LEGAL)}
+        )
         assert routed_answer.json()["choices"][0]["message"]["content"] == "answer from legal"
         again = _post(remote_server, "/v1/load_lora_adapter", {**load, "base_url": a.v1})
         assert again.status_code == 400 and "already loaded" in err(again)["message"]
@@ -112,7 +132,10 @@ def test_remote_refusals_are_typed_4xx_and_leave_nothing_visible(remote_server, 
         ({**base, "lora_path": "/srv/loras/missing", "base_url": a.v1}, "No adapter found"),
         ({**base, "lora_path": "/srv/loras/corrupt", "base_url": a.v1}, "invalid adapter_config.json"),
         ({**base, "lora_path": LEGAL}, "say which with base_url"),  # two expert servers: which one?
-        ({**base, "lora_path": LEGAL, "base_url": "http://10.0.0.1:9/v1"}, "not an expert server of this config"),
+        (
+            {**base, "lora_path": LEGAL, "base_url": "http://10.0.0.1:9/v1"},
+            "not an expert server of this config",
+        ),
         ({**base, "lora_name": "Legal Dept", "lora_path": LEGAL, "base_url": a.v1}, "invalid expert name"),
         ({**base, "lora_path": LEGAL, "base_url": a.v1, "backend": "local"}, "base_url names a remote"),
     ]
@@ -122,7 +145,10 @@ def test_remote_refusals_are_typed_4xx_and_leave_nothing_visible(remote_server, 
         assert says in err(r)["message"], (says, r.text)
     assert (list(om.expert_names), dict(om.routes), om.router) == before
     assert "legal" not in _models(remote_server.url) and "legal" not in _models(a.url)
-    assert _post(remote_server, "/v1/chat/completions", {"model": "legal", "messages": msgs(Q_FIN)}).status_code == 404
+    assert (
+        _post(remote_server, "/v1/chat/completions", {"model": "legal", "messages": msgs(Q_FIN)}).status_code
+        == 404
+    )
     # unloading a config-time expert on B (no runtime updating there) is refused and it stays
     r = _post(remote_server, "/v1/unload_lora_adapter", {"lora_name": "engineering"})
     assert r.status_code == 400 and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in err(r)["message"]
@@ -130,8 +156,8 @@ def test_remote_refusals_are_typed_4xx_and_leave_nothing_visible(remote_server, 
 
 
 def test_backend_adapter_calls_are_typed(vllm) -> None:
-    from experts.backends.openai import OpenAIBackend
     from expertmix.errors import AdapterError, ExpertUnavailable, UnknownExpert
+    from experts.backends.openai import OpenAIBackend
 
     a, b = vllm
     on = OpenAIBackend(a.v1, [], check=False)
@@ -163,9 +189,15 @@ def remote_config(tmp_path: Path, vllm, monkeypatch: pytest.MonkeyPatch) -> Path
     monkeypatch.setenv("EXPERTMIX_HOME", str(tmp_path / "home"))  # no port file of another server
     monkeypatch.delenv("EXPERTMIX_SERVER", raising=False)
     p = tmp_path / "expertmix.toml"
-    p.write_text("# vLLM-served departments (this comment must survive edits)\n" + "".join(
-        f'[[experts]]\nname = "{n}"\ndescription = "{n} questions"\nbackend = "openai"\nbase_url = "{a.v1}"\n\n'
-        for n in ("finance", "product")), encoding="utf-8")
+    p.write_text(
+        "# vLLM-served departments (this comment must survive edits)\n"
+        + "".join(
+            f'[[experts]]\nname = "{n}"\ndescription = "{n} questions"\n'
+            f'backend = "openai"\nbase_url = "{a.v1}"\n\n'
+            for n in ("finance", "product")
+        ),
+        encoding="utf-8",
+    )
     return p
 
 
@@ -180,16 +212,39 @@ def test_cli_add_remote_writes_the_config_only_when_vllm_loaded_it(remote_config
 
     a, b = vllm
     original = remote_config.read_text()
-    for extra, says in ((["--adapter", "/srv/loras/missing"], "No adapter found"),
-                        (["--adapter", LEGAL, "--base-url", b.v1], "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")):
-        r = _run("experts", "add", "legal", "--backend", "openai", "--description", LEGAL_DESCR, *extra,
-                 "--config", str(remote_config))
+    for extra, says in (
+        (["--adapter", "/srv/loras/missing"], "No adapter found"),
+        (["--adapter", LEGAL, "--base-url", b.v1], "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"),
+    ):
+        r = _run(
+            "experts",
+            "add",
+            "legal",
+            "--backend",
+            "openai",
+            "--description",
+            LEGAL_DESCR,
+            *extra,
+            "--config",
+            str(remote_config),
+        )
         assert r.exit_code == 1 and says in r.output, r.output
         assert remote_config.read_text() == original  # refused: the file is untouched
     assert "legal" not in _models(a.url)
 
-    r = _run("experts", "add", "legal", "--backend", "openai", "--adapter", LEGAL, "--description", LEGAL_DESCR,
-             "--config", str(remote_config))  # base_url: the one the config's openai experts use
+    r = _run(
+        "experts",
+        "add",
+        "legal",
+        "--backend",
+        "openai",
+        "--adapter",
+        LEGAL,
+        "--description",
+        LEGAL_DESCR,
+        "--config",
+        str(remote_config),
+    )  # base_url: the one the config's openai experts use
     assert r.exit_code == 0, r.output
     assert a.app.state.loaded.get("legal") == LEGAL
     legal = {e.name: e for e in load_config(remote_config).experts}["legal"]
@@ -203,20 +258,49 @@ def test_cli_add_remote_writes_the_config_only_when_vllm_loaded_it(remote_config
     assert [e.name for e in load_config(remote_config).experts] == ["finance", "product"]
 
 
-def test_cli_add_remote_goes_through_a_running_server(remote_config: Path, remote_server, vllm,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_add_remote_goes_through_a_running_server(
+    remote_config: Path, remote_server, vllm, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from orchestrator.config import load_config
 
     a, _ = vllm
     monkeypatch.setenv("EXPERTMIX_API_KEY", KEY)
     original = remote_config.read_text()
-    r = _run("experts", "add", "hr", "--backend", "openai", "--adapter", "/srv/loras/nope", "--description",
-             "People: hiring, payroll", "--base-url", a.v1, "--config", str(remote_config),
-             "--server", remote_server.url)
+    r = _run(
+        "experts",
+        "add",
+        "hr",
+        "--backend",
+        "openai",
+        "--adapter",
+        "/srv/loras/nope",
+        "--description",
+        "People: hiring, payroll",
+        "--base-url",
+        a.v1,
+        "--config",
+        str(remote_config),
+        "--server",
+        remote_server.url,
+    )
     assert r.exit_code == 1 and "No adapter found" in r.output and remote_config.read_text() == original
-    r = _run("experts", "add", "hr", "--backend", "openai", "--adapter", "/srv/loras/hr", "--description",
-             "People: hiring, payroll", "--base-url", a.v1, "--config", str(remote_config),
-             "--server", remote_server.url)
+    r = _run(
+        "experts",
+        "add",
+        "hr",
+        "--backend",
+        "openai",
+        "--adapter",
+        "/srv/loras/hr",
+        "--description",
+        "People: hiring, payroll",
+        "--base-url",
+        a.v1,
+        "--config",
+        str(remote_config),
+        "--server",
+        remote_server.url,
+    )
     assert r.exit_code == 0, r.output
     try:
         assert "hr" in _models(remote_server.url) and "hr" in _models(a.url)

@@ -17,13 +17,13 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from srvutil import AUTH, KEY, Q_FIN, metric, msgs  # noqa: E402
-from vllm_fake import fake_vllm_app  # noqa: E402
+from srvutil import AUTH, KEY, Q_FIN, metric, msgs
+from vllm_fake import fake_vllm_app
 
 
 @pytest.fixture()
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The default store (a config without [router] path follows it) with two versions of the shipped router."""
+    """The default store (followed by a config without [router] path): two copies of the shipped router."""
     from router_training.artifact import default_router_path
     from router_training.store import RouterStore
 
@@ -41,16 +41,23 @@ def _config(url: str, *, watch_s: float, router_path: str | None = None):
 
     return ExpertmixConfig(
         path=None,
-        experts=tuple(ExpertSpec(name=n, backend="openai", base_url=url, description=f"{n} questions")
-                      for n in ("finance", "engineering", "product")),
+        experts=tuple(
+            ExpertSpec(name=n, backend="openai", base_url=url, description=f"{n} questions")
+            for n in ("finance", "engineering", "product")
+        ),
         router=RouterSettings(path=router_path),
         orchestrator=OrchestratorSettings(max_new_tokens=4, strategy="top1", planner="none"),
-        server=ServerSettings(api_key=KEY, router_watch_s=watch_s))
+        server=ServerSettings(api_key=KEY, router_watch_s=watch_s),
+    )
 
 
 def _version(srv) -> str:
-    r = httpx.post(srv.url + "/v1/chat/completions", headers=AUTH, timeout=60,
-                   json={"model": "expertmix", "messages": msgs(Q_FIN), "max_tokens": 4})
+    r = httpx.post(
+        srv.url + "/v1/chat/completions",
+        headers=AUTH,
+        timeout=60,
+        json={"model": "expertmix", "messages": msgs(Q_FIN), "max_tokens": 4},
+    )
     assert r.status_code == 200, r.text
     return str(r.json()["expertmix"]["router_version"])
 
@@ -70,14 +77,21 @@ def test_promote_is_followed_during_concurrent_requests(store: Path) -> None:
     from orchestrator.server.background import BackgroundServer
     from router_training.store import RouterStore
 
-    with BackgroundServer(fake_vllm_app(static=("finance", "engineering", "product"), delay_s=0.3)) as vllm, \
-            Orchestrator(_config(vllm.url + "/v1", watch_s=0.2)) as om, BackgroundServer(create_app(om)) as srv:
+    with (
+        BackgroundServer(fake_vllm_app(static=("finance", "engineering", "product"), delay_s=0.3)) as vllm,
+        Orchestrator(_config(vllm.url + "/v1", watch_s=0.2)) as om,
+        BackgroundServer(create_app(om)) as srv,
+    ):
         assert _version(srv) == "v0001"
 
         def ask(i: int) -> int:
             time.sleep(i * 0.05)  # spread over ~1 s: some start before the swap, some during, some after
-            return httpx.post(srv.url + "/v1/chat/completions", headers=AUTH, timeout=60,
-                              json={"model": "expertmix", "messages": msgs(Q_FIN), "max_tokens": 4}).status_code
+            return httpx.post(
+                srv.url + "/v1/chat/completions",
+                headers=AUTH,
+                timeout=60,
+                json={"model": "expertmix", "messages": msgs(Q_FIN), "max_tokens": 4},
+            ).status_code
 
         promoted = threading.Event()
 
@@ -100,8 +114,12 @@ def test_promote_is_followed_during_concurrent_requests(store: Path) -> None:
         (store / "v0003").mkdir()
         (store / "v0003" / "router.json").write_text("{not json", encoding="utf-8")
         RouterStore(store).set_current("v0003")
-        assert _wait_for(lambda: 'expertmix_router_reloads_total{result="failed"} 1.0' in
-                         httpx.get(srv.url + "/metrics", headers=AUTH).text)
+        assert _wait_for(
+            lambda: (
+                'expertmix_router_reloads_total{result="failed"} 1.0'
+                in httpx.get(srv.url + "/metrics", headers=AUTH).text
+            )
+        )
         assert _version(srv) == "v0002"
 
 
@@ -111,7 +129,10 @@ def test_a_pinned_version_or_zero_is_not_watched(store: Path) -> None:
     from orchestrator.lifecycle import router_pointer, router_watch
 
     assert router_pointer(_config("http://127.0.0.1:9/v1", watch_s=2)) == store / "CURRENT"
-    assert router_pointer(_config("http://127.0.0.1:9/v1", watch_s=2, router_path=str(store))) == store / "CURRENT"
+    assert (
+        router_pointer(_config("http://127.0.0.1:9/v1", watch_s=2, router_path=str(store)))
+        == store / "CURRENT"
+    )
     pinned = _config("http://127.0.0.1:9/v1", watch_s=2, router_path=str(store / "v0001"))
     assert router_pointer(pinned) is None and router_watch(SimpleNamespace(config=pinned), 2) is None
     assert router_watch(SimpleNamespace(config=_config("http://127.0.0.1:9/v1", watch_s=0)), 0) is None

@@ -1,7 +1,7 @@
 """A loopback stand-in for a vLLM server with ``--enable-lora`` (no GPU here): the parts expertmix uses.
 
     GET  /v1/models                 the base model and every loaded adapter (parent = the base)
-    POST /v1/chat/completions       ``model`` = the base or a loaded adapter name; else 404 (vLLM's error body)
+    POST /v1/chat/completions       ``model`` = the base or a loaded adapter; else 404 (vLLM's error body)
     POST /v1/load_lora_adapter      {"lora_name", "lora_path"}: 200 text/plain; 400 already loaded or not a
                                     valid adapter; 404 "No adapter found" for a path the host lacks
     POST /v1/unload_lora_adapter    {"lora_name"}: 200; 404 when it is not loaded
@@ -24,11 +24,18 @@ BASE = "tiny-base"
 
 
 def _error(message: str, kind: str, code: int) -> Any:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=code)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=code
+    )
 
 
-def fake_vllm_app(*, static: tuple[str, ...] = (), host_paths: tuple[str, ...] = (), runtime_updating: bool = True,
-                  delay_s: float = 0.0) -> Any:
+def fake_vllm_app(
+    *,
+    static: tuple[str, ...] = (),
+    host_paths: tuple[str, ...] = (),
+    runtime_updating: bool = True,
+    delay_s: float = 0.0,
+) -> Any:
     app = FastAPI()
     loaded: dict[str, str] = {name: f"/static/{name}" for name in static}
     calls: list[tuple[str, dict[str, Any]]] = []
@@ -49,12 +56,23 @@ def fake_vllm_app(*, static: tuple[str, ...] = (), host_paths: tuple[str, ...] =
             return _error(f"The model `{model}` does not exist.", "NotFoundError", 404)
         if delay_s:
             await asyncio.sleep(delay_s)
-        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer from {model}"},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f"answer from {model}"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        }
 
     if runtime_updating:
+
         @app.post("/v1/load_lora_adapter")
         async def load(request: Request) -> Any:
             body = await request.json()
@@ -65,9 +83,13 @@ def fake_vllm_app(*, static: tuple[str, ...] = (), host_paths: tuple[str, ...] =
             if name in loaded:
                 return _error(f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput", 400)
             if path not in host_paths:
-                return _error(f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError", 404)
+                return _error(
+                    f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError", 404
+                )
             if path.rstrip("/").endswith("corrupt"):
-                return _error(f"Loading lora {name} failed: invalid adapter_config.json", "BadRequestError", 400)
+                return _error(
+                    f"Loading lora {name} failed: invalid adapter_config.json", "BadRequestError", 400
+                )
             loaded[name] = path
             return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
