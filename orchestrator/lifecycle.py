@@ -370,6 +370,21 @@ class RouterWatch:
 
 
 def router_watch(om: Orchestrator, every_s: float) -> RouterWatch | None:
-    """A :class:`RouterWatch` for ``om``'s config, or ``None`` when disabled (0) or the version is pinned."""
+    """A :class:`RouterWatch` for ``om``'s config, or ``None`` when disabled (0), when the version is
+    pinned, or when the router in use did not come from the watched store (one handed to the
+    orchestrator from elsewhere is not replaced behind its owner's back)."""
+    from router_training.artifact import default_router_path
+
     pointer = router_pointer(om.config) if every_s > 0 else None
-    return RouterWatch(om, pointer, every_s=every_s) if pointer is not None else None
+    if pointer is None:
+        return None
+    path = getattr(om.router, "path", None)
+    if path is not None:
+        here = Path(path).resolve()
+        from_store = here.parent == pointer.parent.resolve()
+        shipped = here == default_router_path().resolve() and not pointer.exists()
+        if not (from_store or shipped):
+            logger.info("router %s is not from store %s: not following router promote there", here,
+                        pointer.parent)
+            return None
+    return RouterWatch(om, pointer, every_s=every_s)

@@ -135,7 +135,12 @@ def test_a_pinned_version_or_zero_is_not_watched(store: Path) -> None:
     )
     pinned = _config("http://127.0.0.1:9/v1", watch_s=2, router_path=str(store / "v0001"))
     assert router_pointer(pinned) is None and router_watch(SimpleNamespace(config=pinned), 2) is None
-    assert router_watch(SimpleNamespace(config=_config("http://127.0.0.1:9/v1", watch_s=0)), 0) is None
+    follows = _config("http://127.0.0.1:9/v1", watch_s=2)
+    om = SimpleNamespace(config=follows, router=SimpleNamespace(path=store / "v0001"))
+    assert router_watch(om, 0) is None and router_watch(om, 2) is not None
+    # a router handed over from elsewhere is not replaced by the store's versions
+    elsewhere = SimpleNamespace(path=store.parent / "mine" / "v0001")
+    assert router_watch(SimpleNamespace(config=follows, router=elsewhere), 2) is None
     bad = store.parent / "bad.toml"
     bad.write_text("[server]\nrouter_watch_s = -1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="router_watch_s"):
