@@ -74,9 +74,9 @@ def recipe(*, quick: bool = False, smoke: bool = False, old: bool = False) -> An
     """The shipped training recipe (``old``: the previous one: frames only)."""
     from router_training.train import TrainConfig
 
-    cfg = TrainConfig(question_forms=0, extra_weight=0) if old else TrainConfig()
+    cfg = TrainConfig(question_forms=0, cross_forms=0, extra_weight=0, balance="label", c_grid=(1.0,)) if old else TrainConfig()
     if quick or smoke:
-        cfg = replace(cfg, c_grid=(1.0,), subclasses=1)
+        cfg = replace(cfg, subclasses=1)
     if smoke:
         cfg = replace(cfg, ood_units=2)
     return cfg

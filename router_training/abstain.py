@@ -2,8 +2,13 @@
 
 Every candidate's threshold is the ``max_false_reject`` quantile of its score on held-out
 in-domain rows (original, conversationally framed and question-form rewrites, so a
-rephrased in-domain question is not rejected for its phrasing). The candidate that rejects
-the most held-out off-topic rows wins; with no off-topic rows, ``max_prob`` is kept.
+rephrased in-domain question is not rejected for its phrasing). The preferred score is the
+combined distance score ``knn + mahalanobis + energy``: it needs no off-topic examples, so
+it does not overfit a few of them. Another candidate replaces it only when it rejects
+clearly more held-out off-topic rows: by more than two standard errors of the difference
+(binomial, on the held-out count; at least 2 points). With 50 held-out off-topic rows that is
+about 10 points; with 900, about 4. Without held-out off-topic rows the preferred score is
+kept.
 
     >>> rule, recalls = fit_abstain(model, ctx, config=cfg)   # doctest: +SKIP
 """
@@ -18,7 +23,10 @@ import numpy as np
 from expertmix.errors import RouterError
 from router_training.artifact import AbstainRule, RouterModel
 
-__all__ = ["AbstainData", "candidate_rules", "fit_abstain"]
+__all__ = ["PREFERRED", "AbstainData", "candidate_rules", "choose", "fit_abstain"]
+
+#: The default abstain score; others must beat it clearly on held-out off-topic rows.
+PREFERRED = "combined:knn+mahalanobis+energy"
 
 #: Combined candidates, tried when their parts are available (in_domain needs off-topic rows).
 COMBOS: tuple[tuple[str, ...], ...] = (
@@ -123,6 +131,28 @@ def _strip(rule: AbstainRule) -> AbstainRule:
     return rule
 
 
+def choose(recall: dict[str, float], names: list[str], n_ood: int) -> str:
+    """The abstain score to keep: ``PREFERRED`` unless a candidate's held-out off-topic recall
+    beats it by more than two standard errors of the difference (and at least 0.02).
+
+        >>> choose({PREFERRED: 0.92, "combined:knn+in_domain": 0.94}, [PREFERRED, "combined:knn+in_domain"], 50)
+        'combined:knn+mahalanobis+energy'
+        >>> choose({PREFERRED: 0.40, "combined:knn+in_domain": 0.85}, [PREFERRED, "combined:knn+in_domain"], 900)
+        'combined:knn+in_domain'
+    """
+    if not recall:
+        if PREFERRED in names:
+            return PREFERRED
+        return "max_prob" if "max_prob" in names else names[0]
+    # ties go to the simpler rule (fewer parts), then to the name order of the candidates
+    best = max(recall, key=lambda k: (round(recall[k], 4), -k.count("+"), -names.index(k)))
+    if PREFERRED not in recall or best == PREFERRED:
+        return best
+    p, q, n = recall[PREFERRED], recall[best], max(1, n_ood)
+    margin = max(0.02, 2.0 * float(np.sqrt((p * (1 - p) + q * (1 - q)) / n)))
+    return best if q - p > margin else PREFERRED
+
+
 def fit_abstain(
     model: RouterModel, data: AbstainData, *, config: Any
 ) -> tuple[AbstainRule, dict[str, float], dict[str, AbstainRule]]:
@@ -144,11 +174,6 @@ def fit_abstain(
                 recall[name] = float((conf_ood < rule.threshold).mean())
     finally:
         model.abstain = saved
-    if recall:
-        # ties go to the simpler rule (fewer parts), then to the name order above
-        order = list(rules)
-        best = max(recall, key=lambda k: (round(recall[k], 4), -k.count("+"), -order.index(k)))
-    else:
-        best = "max_prob" if "max_prob" in rules else next(iter(rules))
+    best = choose(recall, list(rules), len(data.x_ood_cal))
     chosen = _strip(replace(rules[best], mean=dict(rules[best].mean), scale=dict(rules[best].scale)))
     return chosen, recall, rules

@@ -10,7 +10,10 @@ Two augmentations break the link, both applied in memory (nothing is stored):
 * ``question_forms``: statements and imperatives rewritten as the questions and requests a
   user would type ("How should we let a broker …?", "Write a user story for …", "What are
   the requirements for …", "How do I …?"). The rewrite depends on the text's form (user
-  story, requirement, imperative), never on its label, so it works for any user's data.
+  story, requirement, imperative), never on its label, so it works for any user's data;
+* ``cross_forms``: a user story rewritten as a requirement ("The system shall allow a
+  {role} to {goal}.") and a requirement as a user story ("As the administrator, I want to
+  approve …"), so that one way of writing down what a product must do teaches the other.
 
     >>> question_forms("As a broker, I want to export reports so that I can audit them", seed=0)[0]
     'Write a user story: as a broker, I want to export reports so that I can audit them'
@@ -22,7 +25,7 @@ import random
 import re
 from collections.abc import Sequence
 
-__all__ = ["FRAMES", "frame", "question_forms", "text_form"]
+__all__ = ["FRAMES", "cross_forms", "frame", "question_forms", "text_form"]
 
 FRAMES = (
     "Hi, quick question: {t}",
@@ -129,6 +132,75 @@ def question_forms(text: str, *, copies: int = 1, seed: int = 0) -> list[str]:
     rng = random.Random(f"{seed}:{t}")
     picked = rng.sample(list(forms), min(copies, len(forms)))
     return [f.format(**fields) for f in picked]
+
+
+STORY_TO_REQUIREMENT = (
+    "The system shall allow a {role} to {goal}.",
+    "The product must let a {role} {goal}.",
+    "A {role} shall be able to {goal}.",
+)
+REQUIREMENT_TO_STORY = (
+    "As a user, I want {subj} to {rest}",
+    "As a stakeholder, I need {subj} to {rest}",
+    "As a customer, I want {subj} to {rest} so that the product meets my needs",
+)
+ACTOR_TO_STORY = (
+    "As {actor}, I want to {goal}",
+    "As {actor}, I want to be able to {goal}",
+    "As {actor}, I want to {goal} so that I can do my job",
+)
+_SYSTEM = re.compile(
+    r"^(the |this )?(system|product|application|app|software|website|site|program|tool|service|platform)\b", re.IGNORECASE
+)
+_ALLOW = re.compile(r"^(?:allow|enable|permit)s?\s+(?P<actor>(?:\S+\s+){0,3}?\S+)\s+to\s+(?P<goal>\S.*)$", re.IGNORECASE | re.DOTALL)
+_ROLE = re.compile(
+    r"^(?:the |a |an )?(?:[\w-]+ ){0,2}(?:user|administrator|admin|manager|customer|staff|member|student|visitor|"
+    r"operator|owner|agent|clerk|employee|patient|doctor|nurse|teacher|player|buyer|seller|officer|analyst|"
+    r"developer|reviewer|editor|author)s?$",
+    re.IGNORECASE,
+)
+
+
+def _with_article(actor: str) -> str:
+    a = actor.strip()
+    if re.match(r"^(a|an|the)\b", a, re.IGNORECASE):
+        return a[0].lower() + a[1:]
+    if a.lower().endswith("s"):
+        return "one of the " + a
+    return ("an " if a[:1].lower() in "aeiou" else "a ") + a
+
+
+def cross_forms(text: str, *, copies: int = 1, seed: int = 0) -> list[str]:
+    """``copies`` rewrites of a user story as a requirement, or of a requirement as a user
+    story (empty for other forms).
+
+        >>> cross_forms("The system shall allow the administrator to approve a review.", copies=1)
+        ['As the administrator, I want to be able to approve a review']
+    """
+    form = text_form(text)
+    if form not in ("story", "requirement") or copies <= 0:
+        return []
+    t = text.strip()
+    forms: Sequence[str]
+    if form == "story":
+        m = _STORY.match(t)
+        assert m is not None
+        goal = _strip_end(re.split(r",?\s+so that\s+", m.group("goal"), maxsplit=1, flags=re.IGNORECASE)[0])
+        fields = {"role": _strip_end(m.group("role")), "goal": goal}
+        forms = STORY_TO_REQUIREMENT
+    else:
+        m = _REQ.match(t)
+        assert m is not None
+        subj, rest = m.group("subj").strip(), _strip_end(m.group("rest"))
+        allow = _ALLOW.match(rest) if _SYSTEM.match(subj) else None
+        if allow:  # "The system shall allow the clerk to X" -> "As the clerk, I want to X"
+            fields, forms = {"actor": _with_article(allow.group("actor")), "goal": _strip_end(allow.group("goal"))}, ACTOR_TO_STORY
+        elif _ROLE.match(subj):  # "Users shall be able to X" -> "As one of the Users, I want to X"
+            fields, forms = {"actor": _with_article(subj), "goal": rest}, ACTOR_TO_STORY
+        else:
+            fields, forms = {"subj": _lower_first(subj), "rest": rest}, REQUIREMENT_TO_STORY
+    rng = random.Random(f"x{seed}:{t}")
+    return [f.format(**fields) for f in rng.sample(list(forms), min(copies, len(forms)))]
 
 
 def frame(texts: Sequence[str], copies: int, *, seed: int = 0) -> list[str]:

@@ -13,17 +13,18 @@ __all__ = ["fit_classifier", "fit_temperature"]
 
 
 def _make_estimator(name: str, c: float, cfg: Any) -> Any:
+    cw = cfg.class_weight if getattr(cfg, "balance", "label") == "label" else None
     if name == "logreg":
         from sklearn.linear_model import LogisticRegression
 
-        return LogisticRegression(C=c, class_weight=cfg.class_weight, max_iter=3000)
+        return LogisticRegression(C=c, class_weight=cw, max_iter=3000)
     if name == "linear_svm":
         from sklearn.svm import LinearSVC
 
-        return LinearSVC(C=c, class_weight=cfg.class_weight)
+        return LinearSVC(C=c, class_weight=cw)
     from sklearn.linear_model import RidgeClassifier
 
-    return RidgeClassifier(alpha=1.0 / c, class_weight=cfg.class_weight)
+    return RidgeClassifier(alpha=1.0 / c, class_weight=cw)
 
 
 def _linear_params(est: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -34,12 +35,13 @@ def _linear_params(est: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return coef, intercept
 
 
-def _fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, cfg: Any):
+def _fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, cfg: Any, w: np.ndarray | None = None):
     if cfg.estimator == "centroid":
-        cent = np.stack([x[y == k].mean(axis=0) for k in range(n_classes)])
+        ww = np.ones(len(y)) if w is None else w
+        cent = np.stack([np.average(x[y == k], axis=0, weights=ww[y == k]) for k in range(n_classes)])
         cent /= np.linalg.norm(cent, axis=1, keepdims=True) + 1e-12
         return cent * 20.0, np.zeros(n_classes)  # scaled cosine; temperature rescales it
-    est = _make_estimator(cfg.estimator, c, cfg).fit(x, y)
+    est = _make_estimator(cfg.estimator, c, cfg).fit(x, y, sample_weight=w)
     return _linear_params(est, n_classes)
 
 
@@ -67,7 +69,8 @@ def _label_pred(x: np.ndarray, w: np.ndarray, b: np.ndarray, unit_label: np.ndar
 
 
 def _choose_c(
-    x: np.ndarray, y: np.ndarray, u: np.ndarray, unit_label: np.ndarray, groups: np.ndarray, cfg: Any
+    x: np.ndarray, y: np.ndarray, u: np.ndarray, unit_label: np.ndarray, groups: np.ndarray, cfg: Any,
+    w: np.ndarray | None = None,
 ) -> tuple[float, dict]:
     """C by grouped stratified CV on label macro-F1 (a text and its framed copies share a fold)."""
     if cfg.estimator == "centroid" or len(cfg.c_grid) == 1:
@@ -82,6 +85,7 @@ def _choose_c(
         uniq = np.sort(rng.choice(uniq, cfg.cv_max_rows, replace=False))
         keep = np.isin(groups, uniq)
         x, y, u, groups = x[keep], y[keep], u[keep], groups[keep]
+        w = None if w is None else w[keep]
     gy = np.array([y[groups == g][0] for g in uniq])
     folds = min(cfg.cv_folds, int(np.bincount(gy).min()))
     if folds < 2:
@@ -94,8 +98,8 @@ def _choose_c(
             tr, te = np.isin(groups, uniq[tr_g]), np.isin(groups, uniq[te_g])
             if len(np.unique(u[tr])) < n_units:
                 continue  # a sub-cluster missing from this fold: skip the fold
-            w, b = _fit_linear(x[tr], u[tr], n_units, c, cfg)
-            f1s.append(f1_score(y[te], _label_pred(x[te], w, b, unit_label, n_classes), average="macro"))
+            coef, b = _fit_linear(x[tr], u[tr], n_units, c, cfg, None if w is None else w[tr])
+            f1s.append(f1_score(y[te], _label_pred(x[te], coef, b, unit_label, n_classes), average="macro"))
         if not f1s:
             return 1.0, {}
         scores[c] = float(np.mean(f1s))
@@ -130,11 +134,13 @@ def fit_classifier(
     y_orig: np.ndarray,
     n_labels: int,
     config: Any,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, dict[str, Any]]:
     """(coef, intercept, unit_label, C, cv scores). ``groups[i]`` is the original row of
     training row ``i`` (copies share a CV fold); sub-clusters come from the original rows
     ``x_orig`` and are carried to their copies through ``groups`` (-1 = no original row: the
-    extra labeled texts, which take the first unit of their label)."""
+    extra labeled texts, which take the first unit of their label). ``sample_weight``: per
+    training row (e.g. ``train.source_weights``), None = the estimator's class weights."""
     cfg = config
     best: tuple[float, int, float, dict, np.ndarray, np.ndarray] | None = None
     cv_scores: dict[str, Any] = {}
@@ -145,7 +151,7 @@ def fit_classifier(
 
     for k in [1, 8] if cfg.subclasses == 0 else [cfg.subclasses]:
         sub_k, units_k = _subclusters(x_orig, y_orig, n_labels, k, cfg.seed)
-        c_k, scores_k = _choose_c(x_train, y_train, units_of(sub_k, units_k), units_k, groups, cfg)
+        c_k, scores_k = _choose_c(x_train, y_train, units_of(sub_k, units_k), units_k, groups, cfg, sample_weight)
         cv_scores[f"subclasses={k}"] = scores_k
         # sub-clusters add capacity and within-source CV flatters them: demand a clear gain
         score = max(scores_k.values(), default=0.0) - (0.01 if k > 1 else 0.0)
@@ -153,5 +159,5 @@ def fit_classifier(
             best = (score, k, c_k, scores_k, sub_k, units_k)
     assert best is not None
     _, _, c, _, sub_fit, unit_label = best
-    coef, intercept = _fit_linear(x_train, units_of(sub_fit, unit_label), len(unit_label), c, cfg)
+    coef, intercept = _fit_linear(x_train, units_of(sub_fit, unit_label), len(unit_label), c, cfg, sample_weight)
     return coef, intercept, unit_label, c, cv_scores

@@ -22,7 +22,7 @@ import numpy as np
 
 from expertmix.errors import DataError, RouterError
 from router_training.artifact import RouterModel, library_versions
-from router_training.augment import frame, question_forms
+from router_training.augment import cross_forms, frame, question_forms
 from router_training.classifier import fit_classifier, fit_temperature
 from router_training.data import LabeledData
 from router_training.embed import Encoder
@@ -44,12 +44,18 @@ class TrainConfig:
 
     estimator: str = "logreg"
     """One of logreg (default), linear_svm, ridge, centroid."""
-    c_grid: tuple[float, ...] = (1.0,)
+    c_grid: tuple[float, ...] = (0.3,)
     """Inverse regularization strengths tried by cross-validation (macro-F1). One value = no CV.
-    Default C=1, chosen on leave-one-source-out accuracy: CV within the training distribution
+    Default C=0.3, chosen on leave-one-source-out accuracy: CV within the training distribution
     prefers larger C, which generalizes worse to unseen sources."""
     cv_folds: int = 3
     class_weight: str | None = "balanced"
+    """Used with ``balance="label"`` only (sklearn's class_weight)."""
+    balance: str = "source"
+    """Row weights: ``source`` = every label the same total weight, shared equally by the
+    label's sources (the ``source`` field; the extra labeled texts count as one source, the
+    feedback rows weigh like an average row), so a big source does not make its register the
+    label's; ``label`` = class-balanced only; ``none``."""
     calibration: str = "temperature"
     """temperature (fit on held-out rows) or none."""
     min_temperature: float = 1.0
@@ -66,6 +72,8 @@ class TrainConfig:
     """Conversational copies per training text (0 = off)."""
     question_forms: int = 2
     """Question/request rewrites per statement or imperative training text (0 = off)."""
+    cross_forms: int = 3
+    """User story <-> requirement rewrites per story or requirement training text (0 = off)."""
     extra_weight: int = 3
     """How many times each extra labeled text (descriptions) is added to the training rows."""
     subclasses: int = 1
@@ -85,6 +93,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise RouterError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if self.balance not in ("source", "label", "none"):
+            raise RouterError(f"unknown balance {self.balance!r}; choose source, label or none")
         if self.calibration not in ("temperature", "none"):
             raise RouterError(f"unknown calibration {self.calibration!r}; choose temperature or none")
         head = self.abstain_score.split(":", 1)[0]
@@ -94,7 +104,7 @@ class TrainConfig:
             )
         if not 0.0 <= self.max_false_reject < 0.5:
             raise RouterError("max_false_reject must be in [0, 0.5)")
-        for name in ("augment", "question_forms", "extra_weight"):
+        for name in ("augment", "question_forms", "cross_forms", "extra_weight"):
             if getattr(self, name) < 0:
                 raise RouterError(f"{name} must be >= 0")
         if self.knn_k < 1 or self.ood_units < 1:
@@ -120,6 +130,7 @@ class FittedRouter:
 class _Split:
     fit_texts: list[str]
     y_fit: np.ndarray
+    src_fit: list[str]
     cal_texts: list[str]
     y_cal: np.ndarray
     ood_fit: list[str]
@@ -141,15 +152,16 @@ def _split(
     """Training vs held-out rows (validation file, else a stratified share), in- and off-topic."""
     index = {lab: i for i, lab in enumerate(labels)}
     y_all = np.array([index[lab] for lab in train.labels])
+    src_all = list(train.sources) if len(train.sources) == len(train.texts) else [""] * len(train.texts)
     if val is not None:
         unknown = sorted(set(val.labels) - set(labels))
         if unknown:
             raise DataError(f"validation labels not in training data: {', '.join(unknown)}", path=val.paths[0])
-        fit_texts, y_fit = list(train.texts), y_all
+        fit_texts, y_fit, src_fit = list(train.texts), y_all, src_all
         cal_texts, y_cal = list(val.texts), np.array([index[lab] for lab in val.labels], dtype=int)
     else:
         tr, te = _split_rows(len(train.texts), y_all, cfg.holdout_fraction, cfg.seed)
-        fit_texts, y_fit = [train.texts[i] for i in tr], y_all[tr]
+        fit_texts, y_fit, src_fit = [train.texts[i] for i in tr], y_all[tr], [src_all[i] for i in tr]
         cal_texts, y_cal = [train.texts[i] for i in te], y_all[te]
     ood_fit = list(train.ood_texts) + list(ood)
     ood_cal = (list(val.ood_texts) if val is not None else []) + list(ood_val)
@@ -159,13 +171,13 @@ def _split(
         rng.shuffle(shuffled)
         half = len(shuffled) // 2
         ood_fit, ood_cal = shuffled[:half], shuffled[half:]
-    return _Split(fit_texts, y_fit, cal_texts, y_cal, ood_fit, ood_cal)
+    return _Split(fit_texts, y_fit, src_fit, cal_texts, y_cal, ood_fit, ood_cal)
 
 
-def _rewrites(texts: Sequence[str], copies: int, seed: int) -> tuple[list[str], list[int]]:
+def _rewrites(texts: Sequence[str], copies: int, seed: int, cross: int = 0) -> tuple[list[str], list[int]]:
     out, src = [], []
     for i, t in enumerate(texts):
-        for q in question_forms(t, copies=copies, seed=seed):
+        for q in question_forms(t, copies=copies, seed=seed) + cross_forms(t, copies=cross, seed=seed):
             out.append(q)
             src.append(i)
     return out, src
@@ -173,12 +185,13 @@ def _rewrites(texts: Sequence[str], copies: int, seed: int) -> tuple[list[str], 
 
 def _training_rows(
     sp: _Split, extra: LabeledData | None, labels: tuple[str, ...], cfg: TrainConfig
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Texts, labels and CV groups (original row index; extra texts get unique negative ids)."""
+) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Texts, labels, CV groups (original row index; extra texts get unique negative ids) and
+    the source of each row (copies inherit their original's)."""
     texts = list(sp.fit_texts) + augment(sp.fit_texts, cfg.augment, seed=cfg.seed)
     n = len(sp.fit_texts)
     groups = list(range(n)) * (1 + cfg.augment)
-    q_texts, q_src = _rewrites(sp.fit_texts, cfg.question_forms, cfg.seed)
+    q_texts, q_src = _rewrites(sp.fit_texts, cfg.question_forms, cfg.seed, cfg.cross_forms)
     texts += q_texts
     groups += q_src
     y = list(np.tile(sp.y_fit, 1 + cfg.augment)) + [int(sp.y_fit[i]) for i in q_src]
@@ -191,7 +204,32 @@ def _training_rows(
             texts += extra.texts
             y += [index[lab] for lab in extra.labels]
         groups += [-(1 + i) for i in range(len(extra.texts))] * cfg.extra_weight
-    return texts, np.asarray(y, dtype=int), np.asarray(groups, dtype=int)
+    g = np.asarray(groups, dtype=int)
+    extra_src = [s or "extra" for s in extra.sources] if extra is not None and len(extra.sources) == len(extra.texts) else []
+    sources = [sp.src_fit[i] if i >= 0 else (extra_src[-i - 1] if extra_src else "extra") for i in g]
+    return texts, np.asarray(y, dtype=int), g, sources
+
+
+def source_weights(y: np.ndarray, sources: Sequence[str], *, light: tuple[str, ...] = ("feedback",)) -> np.ndarray:
+    """Row weights: every label the same total, shared equally by its sources; rows of a
+    ``light`` source (feedback) weigh like an average row of their label. Mean weight 1.
+
+        >>> source_weights(np.array([0, 0, 0, 1]), ["a", "a", "b", "c"]).round(2).tolist()
+        [0.5, 0.5, 1.0, 2.0]
+    """
+    src = np.asarray(list(sources), dtype=object)
+    w = np.zeros(len(y), dtype=np.float64)
+    for lab in np.unique(y):
+        in_lab = y == lab
+        heavy = in_lab & ~np.isin(src, light)
+        names = np.unique(src[heavy])
+        for s in names:
+            m = heavy & (src == s)
+            w[m] = 1.0 / (len(names) * m.sum())
+        rest = in_lab & ~heavy
+        w[rest] = w[heavy].mean() if heavy.any() else 1.0
+        w[in_lab] /= w[in_lab].sum()
+    return w * len(y) / w.sum()
 
 
 def _held_out_in_domain(sp: _Split, cfg: TrainConfig) -> list[str]:
@@ -200,7 +238,7 @@ def _held_out_in_domain(sp: _Split, cfg: TrainConfig) -> list[str]:
     if cfg.augment:
         texts += augment(sp.cal_texts, 1, seed=cfg.seed)
     if cfg.question_forms:
-        texts += _rewrites(sp.cal_texts, 1, cfg.seed)[0]
+        texts += _rewrites(sp.cal_texts, 1, cfg.seed, min(1, cfg.cross_forms))[0]
     return texts
 
 
@@ -223,7 +261,8 @@ def fit_router(
     t0 = time.perf_counter()
     labels = tuple(train.labels_set)
     sp = _split(train, val, ood, ood_val, labels, cfg)
-    texts, y_train, groups = _training_rows(sp, extra, labels, cfg)
+    texts, y_train, groups, row_sources = _training_rows(sp, extra, labels, cfg)
+    weights = source_weights(y_train, row_sources) if cfg.balance == "source" else None
     in_cal = _held_out_in_domain(sp, cfg)
     ood_fit_texts = list(sp.ood_fit) + augment(sp.ood_fit, cfg.augment, seed=cfg.seed)
     enc = lambda t: encoder.encode(t, progress=progress)
@@ -233,7 +272,8 @@ def fit_router(
 
     x_orig = x_train[: len(sp.fit_texts)]
     coef, intercept, unit_label, c, cv_scores = fit_classifier(
-        x_train, y_train, groups, x_orig=x_orig, y_orig=sp.y_fit, n_labels=len(labels), config=cfg
+        x_train, y_train, groups, x_orig=x_orig, y_orig=sp.y_fit, n_labels=len(labels), config=cfg,
+        sample_weight=weights,
     )
     grouped = len(unit_label) != len(labels)
     model = RouterModel(
@@ -293,6 +333,8 @@ def _describe(
         "cv_macro_f1": cv_scores,
         "augment_copies": cfg.augment,
         "question_forms": cfg.question_forms,
+        "cross_forms": cfg.cross_forms,
+        "balance": cfg.balance,
         "units": len(unit_label),
     }
     model.calibration = {"method": cfg.calibration, "fit_on": "validation" if val is not None else "holdout"}
