@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,45 @@ def _choose_c(
     return c, {str(k): round(v, 4) for k, v in scores.items()}
 
 
+def source_pairs(y: np.ndarray, sources: np.ndarray, orig: np.ndarray) -> list[tuple[int, str]]:
+    """(label, source) pairs that can be held out: sources of labels with two or more sources
+    among the original rows (not the extra texts)."""
+    pairs = []
+    for lab in np.unique(y[orig]):
+        names = sorted({str(s) for s in sources[orig & (y == lab)]})
+        if len(names) >= 2:
+            pairs += [(int(lab), s) for s in names]
+    return pairs
+
+
+def _choose_c_by_source(
+    x: np.ndarray, y: np.ndarray, u: np.ndarray, unit_label: np.ndarray, sources: np.ndarray, orig: np.ndarray,
+    weigh: Callable[[np.ndarray], np.ndarray | None], cfg: Any,
+) -> tuple[float, dict]:
+    """C by leave-one-source-out inside the training data: for each C, train without one
+    source (all its copies) and score the argmax on that source's original rows; the mean
+    accuracy over held-out sources decides. This is the generalization a router needs (a new
+    kind of text), which within-source CV does not measure (it prefers large C)."""
+    n_classes, n_units = int(unit_label.max()) + 1, len(unit_label)
+    pairs = source_pairs(y, sources, orig)
+    scores: dict[float, float] = {}
+    for c in cfg.c_grid:
+        accs = []
+        for lab, src in pairs:
+            out = (y == lab) & (sources == src)
+            tr, te = ~out, out & orig
+            if len(np.unique(u[tr])) < n_units:
+                continue
+            coef, b = _fit_linear(x[tr], u[tr], n_units, c, cfg, weigh(tr))
+            accs.append(float((_label_pred(x[te], coef, b, unit_label, n_classes) == lab).mean()))
+        if not accs:
+            return cfg.c_grid[0], {}
+        scores[c] = float(np.mean(accs))
+    best = max(scores.values())
+    c = min(c for c, s in scores.items() if s >= best - 0.002)
+    return c, {f"source_cv:{k}": round(v, 4) for k, v in scores.items()}
+
+
 def fit_temperature(logits: np.ndarray, y: np.ndarray, unit_label: np.ndarray | None = None) -> float:
     """Temperature minimizing the held-out negative log-likelihood of the label probabilities."""
     from scipy.optimize import minimize_scalar
@@ -135,12 +175,17 @@ def fit_classifier(
     n_labels: int,
     config: Any,
     sample_weight: np.ndarray | None = None,
+    sources: Sequence[str] | None = None,
+    weigh: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, dict[str, Any]]:
     """(coef, intercept, unit_label, C, cv scores). ``groups[i]`` is the original row of
     training row ``i`` (copies share a CV fold); sub-clusters come from the original rows
     ``x_orig`` and are carried to their copies through ``groups`` (-1 = no original row: the
     extra labeled texts, which take the first unit of their label). ``sample_weight``: per
-    training row (e.g. ``train.source_weights``), None = the estimator's class weights."""
+    training row (e.g. ``train.source_weights``), None = the estimator's class weights.
+    ``sources`` (per training row) and ``weigh`` (row mask -> weights of those rows): when some
+    label has two or more sources, C is chosen by leave-one-source-out (``_choose_c_by_source``)
+    instead of stratified CV."""
     cfg = config
     best: tuple[float, int, float, dict, np.ndarray, np.ndarray] | None = None
     cv_scores: dict[str, Any] = {}
@@ -151,7 +196,15 @@ def fit_classifier(
 
     for k in [1, 8] if cfg.subclasses == 0 else [cfg.subclasses]:
         sub_k, units_k = _subclusters(x_orig, y_orig, n_labels, k, cfg.seed)
-        c_k, scores_k = _choose_c(x_train, y_train, units_of(sub_k, units_k), units_k, groups, cfg, sample_weight)
+        u_k = units_of(sub_k, units_k)
+        src = np.asarray(list(sources), dtype=object) if sources is not None else None
+        orig = np.zeros(len(y_train), dtype=bool)
+        orig[: len(y_orig)] = True  # the original rows come first
+        if src is not None and len(cfg.c_grid) > 1 and source_pairs(y_train, src, orig):
+            wf = weigh or (lambda m: None if sample_weight is None else sample_weight[m])
+            c_k, scores_k = _choose_c_by_source(x_train, y_train, u_k, units_k, src, orig, wf, cfg)
+        else:
+            c_k, scores_k = _choose_c(x_train, y_train, u_k, units_k, groups, cfg, sample_weight)
         cv_scores[f"subclasses={k}"] = scores_k
         # sub-clusters add capacity and within-source CV flatters them: demand a clear gain
         score = max(scores_k.values(), default=0.0) - (0.01 if k > 1 else 0.0)
