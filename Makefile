@@ -28,9 +28,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
-# The runnable blocks of README.md and docs/*.md, and their relative links.
+# Every bash/python block of README.md and docs/*.md (one shell per page, in a scratch copy, short
+# settings; blocks marked `no-run: REASON` excepted), their fences and relative links. -s: seconds per block.
 test-docs: install
-	$(PY) -m pytest -q tests/test_docs.py
+	$(PY) -m pytest -q -s tests/test_docs.py
 
 # Every bench in its seconds-long --smoke mode (also part of `make test`).
 bench-smoke: install

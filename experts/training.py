@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import random
 import time
@@ -254,6 +255,9 @@ def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool
     ``keep_model=True`` returns the trained model (eval mode) in ``TrainResult.model``.
     """
     t_start = time.perf_counter()
+    if os.environ.get("EXPERTMIX_TRAIN_SMOKE"):  # test knob (tests/test_docs.py): 1 step on the first 64 rows
+        small = {"batch_size": min(config.batch_size, 2), "val_rows": min(config.val_rows or 4, 4)}
+        config = replace(config, max_steps=1, **small)
     out = config.out_dir
     _check_out_dir(out, name=config.name, force=config.force)
     if config.register is not None:
@@ -264,6 +268,8 @@ def train_expert(config: TrainConfig, *, progress: bool = True, keep_model: bool
         if config.val is not None
         else []
     )
+    if os.environ.get("EXPERTMIX_TRAIN_SMOKE"):
+        train_pairs = train_pairs[:64]
     val_total = len(val_pairs)
     if config.val_rows is not None:
         val_pairs = val_pairs[: config.val_rows]  # the first N, in file order: a fixed sample

@@ -14,6 +14,7 @@ way whichever door it came in by.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,7 @@ class RequestOptions:
     def generation(self, settings: OrchestratorSettings) -> GenerationConfig:
         """The decoding settings of this request: overrides, else the config's defaults (validated)."""
         return GenerationConfig(
-            max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else settings.max_new_tokens,
+            max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else default_max_new_tokens(settings),
             temperature=self.temperature if self.temperature is not None else settings.temperature,
             top_p=self.top_p if self.top_p is not None else 1.0,
             stop=tuple(self.stop or ()),
@@ -73,3 +74,13 @@ class RequestOptions:
 
     def merged(self, **overrides: Any) -> RequestOptions:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def default_max_new_tokens(settings: OrchestratorSettings) -> int:
+    """``EXPERTMIX_MAX_NEW_TOKENS`` when set (every door, as the CLI's option default), else the config's."""
+    env = os.environ.get("EXPERTMIX_MAX_NEW_TOKENS", "").strip()
+    if not env:
+        return settings.max_new_tokens
+    if not env.isdigit() or int(env) < 1:
+        raise InputError(f"EXPERTMIX_MAX_NEW_TOKENS must be a whole number >= 1, got {env!r}")
+    return int(env)

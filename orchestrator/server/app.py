@@ -36,6 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from experts.prompts import normalize_messages
 from experts.registry import BASE_EXPERT
 from orchestrator.config import ServerSettings
+from orchestrator.request import default_max_new_tokens
 from orchestrator.server.errors import Redactor, install_handlers, to_openai_error
 from orchestrator.server.jsonmode import parse_response_format
 from orchestrator.server.limits import BodySizeLimit, Gate, stop_limits
@@ -271,7 +272,7 @@ def create_app(
         rid = request.scope.get("state", {}).get("request_id") or new_id("req")
         _check_fields(req, settings, rid)
         target = state.resolve_model(req.model)
-        max_tokens = req.token_limit if req.token_limit is not None else om.settings.max_new_tokens
+        max_tokens = req.token_limit if req.token_limit is not None else default_max_new_tokens(om.settings)
         if max_tokens > settings.max_tokens_limit:
             raise OpenAIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {settings.max_tokens_limit}",
                               param="max_tokens", code="max_tokens_exceeded")
