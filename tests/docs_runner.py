@@ -143,6 +143,15 @@ def sandbox(repo: Path, root: Path, *, home_cache: Path, shared_data: Path) -> t
     return work, home
 
 
+def keep_probe(home: Path, home_cache: Path) -> None:
+    """Hand the sandbox's CPU probe (cpu_tuning.json) back to the shared cache, so the next page does not probe."""
+    src = home / "cpu_tuning.json"
+    if src.is_file():
+        tmp = home_cache / f".cpu_tuning.{os.getpid()}.tmp"
+        shutil.copy2(src, tmp)
+        os.replace(tmp, home_cache / "cpu_tuning.json")
+
+
 def script(blocks: list[Block], scratch: Path, ports: dict[int, int]) -> str:
     """One bash session: every block in order, a marker before each; background jobs stopped at exit."""
     lines = [
