@@ -48,7 +48,7 @@ def _train_config(
 ) -> Any:
     from router_training.train import TrainConfig
 
-    extra: dict[str, Any] = {"c_grid": (1.0,), "subclasses": 1} if quick else {}
+    extra: dict[str, Any] = {"c_grid": (0.1,), "subclasses": 1} if quick else {}
     return TrainConfig(
         estimator=estimator,
         max_false_reject=max_false_reject,
