@@ -135,9 +135,10 @@ def choose(recall: dict[str, float], names: list[str], n_ood: int) -> str:
     """The abstain score to keep: ``PREFERRED`` unless a candidate's held-out off-topic recall
     beats it by more than two standard errors of the difference (and at least 0.02).
 
-        >>> choose({PREFERRED: 0.92, "combined:knn+in_domain": 0.94}, [PREFERRED, "combined:knn+in_domain"], 50)
+        >>> other = "combined:knn+in_domain"
+        >>> choose({PREFERRED: 0.92, other: 0.94}, [PREFERRED, other], 50)
         'combined:knn+mahalanobis+energy'
-        >>> choose({PREFERRED: 0.40, "combined:knn+in_domain": 0.85}, [PREFERRED, "combined:knn+in_domain"], 900)
+        >>> choose({PREFERRED: 0.40, other: 0.85}, [PREFERRED, other], 900)
         'combined:knn+in_domain'
     """
     if not recall:

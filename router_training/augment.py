@@ -15,8 +15,8 @@ Two augmentations break the link, both applied in memory (nothing is stored):
   {role} to {goal}.") and a requirement as a user story ("As the administrator, I want to
   approve …"), so that one way of writing down what a product must do teaches the other.
 
-    >>> question_forms("As a broker, I want to export reports so that I can audit them", seed=0)[0]
-    'Write a user story: as a broker, I want to export reports so that I can audit them'
+    >>> question_forms("As a broker, I want to export reports so that I can audit them", seed=1)[0]
+    'How should we let a broker export reports?'
 """
 
 from __future__ import annotations
@@ -150,13 +150,17 @@ ACTOR_TO_STORY = (
     "As {actor}, I want to {goal} so that I can do my job",
 )
 _SYSTEM = re.compile(
-    r"^(the |this )?(system|product|application|app|software|website|site|program|tool|service|platform)\b", re.IGNORECASE
+    r"^(the |this )?(system|product|application|app|software|website|site|program|tool|service|platform)\b",
+    re.IGNORECASE,
 )
-_ALLOW = re.compile(r"^(?:allow|enable|permit)s?\s+(?P<actor>(?:\S+\s+){0,3}?\S+)\s+to\s+(?P<goal>\S.*)$", re.IGNORECASE | re.DOTALL)
+_ALLOW = re.compile(
+    r"^(?:allow|enable|permit)s?\s+(?P<actor>(?:\S+\s+){0,3}?\S+)\s+to\s+(?P<goal>\S.*)$",
+    re.IGNORECASE | re.DOTALL,
+)
 _ROLE = re.compile(
-    r"^(?:the |a |an )?(?:[\w-]+ ){0,2}(?:user|administrator|admin|manager|customer|staff|member|student|visitor|"
-    r"operator|owner|agent|clerk|employee|patient|doctor|nurse|teacher|player|buyer|seller|officer|analyst|"
-    r"developer|reviewer|editor|author)s?$",
+    r"^(?:the |a |an )?(?:[\w-]+ ){0,2}(?:user|administrator|admin|manager|customer|staff|member|student|"
+    r"visitor|operator|owner|agent|clerk|employee|patient|doctor|nurse|teacher|player|buyer|seller|officer|"
+    r"analyst|developer|reviewer|editor|author)s?$",
     re.IGNORECASE,
 )
 
@@ -194,7 +198,8 @@ def cross_forms(text: str, *, copies: int = 1, seed: int = 0) -> list[str]:
         subj, rest = m.group("subj").strip(), _strip_end(m.group("rest"))
         allow = _ALLOW.match(rest) if _SYSTEM.match(subj) else None
         if allow:  # "The system shall allow the clerk to X" -> "As the clerk, I want to X"
-            fields, forms = {"actor": _with_article(allow.group("actor")), "goal": _strip_end(allow.group("goal"))}, ACTOR_TO_STORY
+            fields = {"actor": _with_article(allow.group("actor")), "goal": _strip_end(allow.group("goal"))}
+            forms = ACTOR_TO_STORY
         elif _ROLE.match(subj):  # "Users shall be able to X" -> "As one of the Users, I want to X"
             fields, forms = {"actor": _with_article(subj), "goal": rest}, ACTOR_TO_STORY
         else:

@@ -36,7 +36,9 @@ def _linear_params(est: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return coef, intercept
 
 
-def _fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, cfg: Any, w: np.ndarray | None = None):
+def _fit_linear(
+    x: np.ndarray, y: np.ndarray, n_classes: int, c: float, cfg: Any, w: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     if cfg.estimator == "centroid":
         ww = np.ones(len(y)) if w is None else w
         cent = np.stack([np.average(x[y == k], axis=0, weights=ww[y == k]) for k in range(n_classes)])
@@ -122,8 +124,8 @@ def source_pairs(y: np.ndarray, sources: np.ndarray, orig: np.ndarray) -> list[t
 
 
 def _choose_c_by_source(
-    x: np.ndarray, y: np.ndarray, u: np.ndarray, unit_label: np.ndarray, sources: np.ndarray, orig: np.ndarray,
-    weigh: Callable[[np.ndarray], np.ndarray | None], cfg: Any,
+    x: np.ndarray, y: np.ndarray, u: np.ndarray, unit_label: np.ndarray, sources: np.ndarray,
+    orig: np.ndarray, weigh: Callable[[np.ndarray], np.ndarray | None], cfg: Any,
 ) -> tuple[float, dict]:
     """C by leave-one-source-out inside the training data: for each C, train without one
     source (all its copies) and score the argmax on that source's original rows; the mean
@@ -216,5 +218,6 @@ def fit_classifier(
             best = (score, k, c_k, scores_k, sub_k, units_k)
     assert best is not None
     _, _, c, _, sub_fit, unit_label = best
-    coef, intercept = _fit_linear(x_train, units_of(sub_fit, unit_label), len(unit_label), c, cfg, sample_weight)
+    units = units_of(sub_fit, unit_label)
+    coef, intercept = _fit_linear(x_train, units, len(unit_label), c, cfg, sample_weight)
     return coef, intercept, unit_label, c, cv_scores

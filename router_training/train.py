@@ -214,7 +214,8 @@ def _training_rows(
             y += [index[lab] for lab in extra.labels]
         groups += [-(1 + i) for i in range(len(extra.texts))] * cfg.extra_weight
     g = np.asarray(groups, dtype=int)
-    extra_src = [s or "extra" for s in extra.sources] if extra is not None and len(extra.sources) == len(extra.texts) else []
+    has_src = extra is not None and len(extra.sources) == len(extra.texts)
+    extra_src = [s or "extra" for s in extra.sources] if extra is not None and has_src else []
     sources = [sp.src_fit[i] if i >= 0 else (extra_src[-i - 1] if extra_src else "extra") for i in g]
     return texts, np.asarray(y, dtype=int), g, sources
 
