@@ -178,9 +178,10 @@ class Router:
             cleaned.append(q.strip())
         if not cleaned:
             return []
-        x = self._embed(cleaned)
-        probs = self.model.predict_proba(x)
-        conf = self.model.confidence(x, probs)
+        from router_training.long_text import length_robust_scores
+
+        # long texts: their sentences are embedded in the same batch; abstain on the most in-domain part
+        x, probs, conf = length_robust_scores(self.model, cleaned, self._embed)
         thr = float(self.model.abstain.threshold)
         labels = self.labels
         out = []
