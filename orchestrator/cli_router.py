@@ -325,15 +325,20 @@ def _evaluate_files(
     from orchestrator.routing import Router
     from router_training.data import load_labeled, load_texts
     from router_training.evaluate import evaluate_arrays
+    from router_training.long_text import length_robust_scores
 
     r = Router.load(router_path, warm=False)
     d = load_labeled(data, dcfg, allowed_labels=r.labels, require_classes=False)
     ood_texts = list(d.ood_texts) + (load_texts(ood, text_field=dcfg.text_field) if ood else [])
     index = {lab: i for i, lab in enumerate(r.labels)}
-    x = r.encoder.encode(d.texts, progress=True)
-    ox = r.encoder.encode(ood_texts, progress=True) if ood_texts else None
+    # abstain scores as at route time: long texts are also scored by their sentences
+    def enc(texts: list[str]) -> np.ndarray:
+        return r.encoder.encode(texts, progress=True)
+
+    x, _, conf = length_robust_scores(r.model, d.texts, enc)
+    ox, _, oconf = length_robust_scores(r.model, ood_texts, enc) if ood_texts else (None, None, None)
     y = np.array([index[lab] for lab in d.labels], dtype=int)
-    metrics = evaluate_arrays(r.model, x, y, d.texts, ood_x=ox)
+    metrics = evaluate_arrays(r.model, x, y, d.texts, ood_x=ox, conf_in=conf, conf_ood=oconf)
     metrics["skipped_conflicts"] = d.conflicts
     return metrics, r.labels, list(d.issues)
 

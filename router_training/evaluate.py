@@ -56,8 +56,13 @@ def evaluate_arrays(
     ood_x: np.ndarray | None = None,
     top_pairs: int = 5,
     examples_per_pair: int = 3,
+    conf_in: np.ndarray | None = None,
+    conf_ood: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """All report metrics for in-domain rows ``(x, y)`` and optional off-topic rows ``ood_x``."""
+    """All report metrics for in-domain rows ``(x, y)`` and optional off-topic rows ``ood_x``.
+
+    ``conf_in`` / ``conf_ood``: abstain scores computed by the caller (the length-robust score of
+    ``router_training.long_text``, as at route time); by default ``model.confidence`` of the rows."""
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
     labels = list(model.labels)
@@ -65,7 +70,8 @@ def evaluate_arrays(
     out: dict[str, Any] = {"n": len(y), "n_ood": int(0 if ood_x is None else len(ood_x))}
     probs = model.predict_proba(x) if len(y) else np.zeros((0, k))
     raw = model.predict_proba(x, calibrated=False) if len(y) else np.zeros((0, k))
-    conf_in = model.confidence(x, probs) if len(y) else np.zeros(0)
+    if conf_in is None:
+        conf_in = model.confidence(x, probs) if len(y) else np.zeros(0)
     thr = model.abstain.threshold
     if len(y):
         pred = probs.argmax(axis=1)
@@ -89,7 +95,8 @@ def evaluate_arrays(
         for key in ("accuracy", "macro_f1", "top2_accuracy", "ece", "ece_uncalibrated", "false_reject_rate"):
             out[key] = None
     if ood_x is not None and len(ood_x):
-        conf_ood = model.confidence(ood_x, model.predict_proba(ood_x))
+        if conf_ood is None:
+            conf_ood = model.confidence(ood_x, model.predict_proba(ood_x))
         out["ood_recall"] = float((conf_ood < thr).mean())
         if len(y):
             scores = np.r_[-conf_in, -conf_ood]
