@@ -5,8 +5,9 @@ short training texts. A multi-sentence question ("We run a small cluster. Since 
 gets OOMKilled… How do I find the leak?") embeds far from all of them and abstains although
 its department is clear. For a text with two or more sentences, or more than ``LONG_WORDS``
 words, the router also scores its sentences (long sentences cut into word windows) and keeps
-the highest abstain score of {whole text, parts}. Department probabilities stay those of the
-whole text. A short single-sentence query has no parts: its score is unchanged, bit for bit.
+the highest abstain score of {whole text, parts that agree with the whole text's department}.
+Department probabilities stay those of the whole text. A short single-sentence query has no
+parts: its score is unchanged, bit for bit.
 
     >>> split_parts("How do I reverse a list in Python?")
     []
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LONG_WORDS", "expand", "length_robust_scores", "part_confidence", "split_parts"]
+__all__ = ["LONG_WORDS", "PART_MARGIN", "expand", "length_robust_scores", "part_confidence", "split_parts"]
 
 LONG_WORDS = 40
 """A single sentence with more words than this is cut into windows."""
@@ -31,6 +32,8 @@ MIN_WORDS = 6
 """Parts with fewer words are dropped ("Thanks!", "I'd like a three-course menu."): short generic
 fragments land near some training text by chance and would let long off-topic questions through."""
 MAX_PARTS = 8
+PART_MARGIN = 0.0
+"""Subtracted from a part's score (a larger margin trades long in-domain false rejects for off-topic recall)."""
 
 # a sentence ends at . ? ! (not inside "e.g." / numbers) followed by space and a capital, digit or quote;
 # or at a line break
@@ -68,12 +71,17 @@ def expand(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
 
 
 def part_confidence(model: Any, x_all: np.ndarray, n: int, owner: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Abstain score of the first ``n`` rows of ``x_all``, raised to the best score of their parts."""
+    """Abstain score of the first ``n`` rows of ``x_all``, raised to the best score of their parts.
+
+    Only a part whose top department is the whole text's counts: an off-topic question whose one
+    sentence happens to look like finance should not be let through by that sentence alone."""
     conf = np.asarray(model.confidence(x_all[:n], probs), dtype=np.float64)
     if len(owner):
         xp = x_all[n:]
-        cp = np.asarray(model.confidence(xp, model.predict_proba(xp)), dtype=np.float64)
-        np.maximum.at(conf, owner, cp)
+        pp = model.predict_proba(xp)
+        cp = np.asarray(model.confidence(xp, pp), dtype=np.float64) - PART_MARGIN
+        agree = pp.argmax(axis=1) == np.asarray(probs).argmax(axis=1)[owner]
+        np.maximum.at(conf, owner[agree], cp[agree])
     return conf
 
 
