@@ -87,7 +87,9 @@ def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if prefill or rows < 2 or rows > max_rows or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
-    y = (weight @ x2.t()).t()
+    # contiguous: a strided (column-major) result makes every later op slower (SDPA leaves its
+    # fused kernel, elementwise ops and the argmax over the vocabulary read with a stride)
+    y = (weight @ x2.t()).t().contiguous()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
