@@ -82,24 +82,13 @@ def add_expert_to_file(path: Path, *, name: str, adapter: Path, description: str
     """Append an ``[[experts]]`` table; returns the adapter directory as resolved. Validates first."""
     import tomlkit
 
-    from expertmix.errors import ConfigError
     from experts.backends.local import validate_adapter_dir
-    from experts.registry import name_problem
 
-    _refuse_shipped(path)
-    problem = name_problem(name)
-    if problem:
-        raise ConfigError(problem, path=path, key="experts.name")
+    _check_new_name(path, name)
     real = adapter.expanduser().resolve()
     validate_adapter_dir(real, expert=name)
     doc = _load_doc(path)
-    experts = doc.get("experts")
-    if experts is None:
-        experts = tomlkit.aot()
-        doc["experts"] = experts
-    if any(t.get("name") == name for t in experts):
-        raise ConfigError(f"expert {name!r} is already configured; remove it first or pick another name",
-                          path=path, key="experts")
+    experts = _experts_table(path, doc, name)
     try:
         rel = real.relative_to(path.resolve().parent)
         shown = str(rel)
@@ -110,6 +99,33 @@ def add_expert_to_file(path: Path, *, name: str, adapter: Path, description: str
     experts.append(table)
     _write_validated(path, doc)
     return real
+
+
+def _check_new_name(path: Path, name: str) -> None:
+    """Refuse the shipped config and names that break the name rule."""
+    from expertmix.errors import ConfigError
+    from experts.registry import name_problem
+
+    _refuse_shipped(path)
+    problem = name_problem(name)
+    if problem:
+        raise ConfigError(problem, path=path, key="experts.name")
+
+
+def _experts_table(path: Path, doc: Any, name: str) -> Any:
+    """The document's ``[[experts]]`` array (created when missing); refuses a name already configured."""
+    import tomlkit
+
+    from expertmix.errors import ConfigError
+
+    experts = doc.get("experts")
+    if experts is None:
+        experts = tomlkit.aot()
+        doc["experts"] = experts
+    if any(t.get("name") == name for t in experts):
+        raise ConfigError(f"expert {name!r} is already configured; remove it first or pick another name",
+                          path=path, key="experts")
+    return experts
 
 
 def remove_expert_from_file(path: Path, *, name: str) -> None:
@@ -135,19 +151,9 @@ def _remote_table(path: Path, doc: Any, *, name: str, base_url: str | None, adap
     import tomlkit
 
     from expertmix.errors import ConfigError
-    from experts.registry import name_problem
 
-    _refuse_shipped(path)
-    problem = name_problem(name)
-    if problem:
-        raise ConfigError(problem, path=path, key="experts.name")
-    experts = doc.get("experts")
-    if experts is None:
-        experts = tomlkit.aot()
-        doc["experts"] = experts
-    if any(t.get("name") == name for t in experts):
-        raise ConfigError(f"expert {name!r} is already configured; remove it first or pick another name",
-                          path=path, key="experts")
+    _check_new_name(path, name)
+    experts = _experts_table(path, doc, name)
     urls = sorted({str(t.get("base_url")).rstrip("/") for t in experts if t.get("backend") == "openai"})
     if base_url is None:
         if len(urls) != 1:
