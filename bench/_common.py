@@ -20,10 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-# OpenMP threads that spin while waiting collapse throughput ~20x when the 2 cores are shared
-# with other jobs (measured: 46 s vs 2.4 s for one 8-token generation at load avg ~7). Both
-# sides of every ratio run under the same setting; override with OMP_WAIT_POLICY=ACTIVE.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The shipped OpenMP default (expertmix/runtime.py: GOMP_SPINCOUNT=1000, a short spin, then
+# sleep): both sides of every ratio run under it; OMP_WAIT_POLICY / GOMP_SPINCOUNT override it.
+from expertmix.runtime import openmp_defaults
+
+openmp_defaults()
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -207,6 +208,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "loadavg_at_start": load,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -221,7 +223,7 @@ def machine_line(info: Mapping[str, Any]) -> str:
     dev = "CUDA" if info["cuda"] else "no GPU"
     return (
         f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), {dev}; "
-        f"OMP_WAIT_POLICY={info['omp_wait_policy']}; load avg at start {info['loadavg_at_start']}; torch {info['torch']}, transformers "
+        f"OMP_WAIT_POLICY={info['omp_wait_policy']}, GOMP_SPINCOUNT={info.get('gomp_spincount')}; load avg at start {info['loadavg_at_start']}; torch {info['torch']}, transformers "
         f"{info['transformers']}, peft {info['peft']}; commit {info['commit']}"
     )
 

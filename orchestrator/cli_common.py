@@ -35,9 +35,10 @@ def offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning threads starve
-    # each other (measured here under load: 46 s → 2.4 s for one short generation).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads spin briefly, then sleep (expertmix/runtime.py: fast idle, safe on a shared CPU)
+    from expertmix.runtime import openmp_defaults
+
+    openmp_defaults()
     os.environ.setdefault(
         "TQDM_DISABLE", "1"
     )  # no per-weight "Loading weights" bars; phase() prints one line

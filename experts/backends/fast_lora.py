@@ -45,26 +45,42 @@ class _Pack:
 
 
 class _Call:
-    """Per-call state: the rows' adapter names and per-layer gathered weights."""
+    """Per-call state: the rows' adapter names and per-layer plans (gathered weights).
 
-    def __init__(self, rows: tuple[str, ...]) -> None:
+    Kept across calls with the same rows (every decode step of a ``generate`` is a call) while
+    ``state`` — the adapters' peft config objects — is unchanged: a reloaded or re-merged adapter
+    gets a new config object, so its plans are rebuilt.
+    """
+
+    def __init__(self, rows: tuple[str, ...], state: tuple[Any, ...]) -> None:
         self.rows = rows
         self.unique = tuple(dict.fromkeys(rows))
+        self.state = state
         self.plans: dict[int, Any] = {}
+        self.nbytes = 0  # gathered mixed-batch weights held by the plans
 
 
 class FastLora:
     """Owns the patched layers of one peft model; see the module docstring."""
 
-    def __init__(self, peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0) -> None:
+    def __init__(self, peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_one: bool = False) -> None:
         self.model = peft_model
         self.max_rows = max_rows  # small-row GEMM path for merged weights (cpu_tuning); 0 = off
+        self.pad_one = pad_one  # one-row decode steps as a two-row GEMM (cpu_tuning)
         self.merged_experts = merged_experts
         self.enabled = True  # False: peft's own path (benchmarks compare both in one process)
         self._tls = threading.local()
         self._packs: dict[tuple[int, str], _Pack] = {}
         self._merged: OrderedDict[str, dict[int, tuple[Any, ...]]] = OrderedDict()
+        self._calls_bytes = 0
         self._merge_lock = threading.Lock()
+        # per-call plans reused across decode steps: rebuilding them every step (a Python pass over
+        # 210 layers plus, for mixed rows, a gather of every row's A/B) cost ~15-20 ms of a ~100 ms
+        # two-adapter step on 2 CPU cores. LRU of row tuples, bounded in count and gathered bytes.
+        self._calls: OrderedDict[tuple[str, ...], _Call] = OrderedDict()
+        self.call_cache_size = 32
+        self.call_cache_bytes = 96 << 20
+        self._merged_state: dict[str, Any] = {}
         self.layers: list[Any] = []
         self.fallback_layers = 0
         self.calls = {"single": 0, "mixed": 0, "merged": 0, "base": 0}
@@ -115,17 +131,53 @@ class FastLora:
                 return
             if isinstance(kwargs.get("num_beams"), int) and kwargs["num_beams"] > 1:
                 names = [n for n in names for _ in range(kwargs["num_beams"])]
-            self._check_names(names)
-            if self.merged_experts > 0 and len(set(names)) == 1:
+            call = self._call_for(tuple(names))
+            if self.merged_experts > 0 and len(call.unique) == 1:
                 self.prepare_merged(names[0])
             prev = getattr(self._tls, "call", None)
-            self._tls.call = _Call(tuple(names))
+            self._tls.call = call
             try:
                 yield
             finally:
                 self._tls.call = prev
+                self._account(call)
 
         return enable
+
+    def _state(self, unique: Sequence[str]) -> tuple[Any, ...]:
+        cfg = getattr(self.model, "peft_config", {})
+        return tuple(cfg.get(n) for n in unique)
+
+    def _call_for(self, rows: tuple[str, ...]) -> _Call:
+        """The cached per-call state for these rows, or a new one (after checking the names)."""
+        call = self._calls.get(rows)
+        if call is not None:
+            state = self._state(call.unique)
+            if all(a is b for a, b in zip(state, call.state)):
+                with self._merge_lock:
+                    if rows in self._calls:
+                        self._calls.move_to_end(rows)
+                return call
+        self._check_names(rows)
+        unique = tuple(dict.fromkeys(rows))
+        call = _Call(rows, self._state(unique))
+        with self._merge_lock:
+            old = self._calls.pop(rows, None)
+            self._calls_bytes -= old.nbytes if old is not None else 0
+            self._calls[rows] = call
+        return call
+
+    def _account(self, call: _Call) -> None:
+        """After a call: count its gathered bytes and evict the least recently used calls."""
+        nbytes = sum(_plan_bytes(p) for p in call.plans.values() if p[0] == "mixed")
+        with self._merge_lock:
+            if self._calls.get(call.rows) is not call:
+                return
+            self._calls_bytes += nbytes - call.nbytes
+            call.nbytes = nbytes
+            while self._calls and (len(self._calls) > self.call_cache_size or self._calls_bytes > self.call_cache_bytes):
+                _, dropped = self._calls.popitem(last=False)
+                self._calls_bytes -= dropped.nbytes
 
     def _prune(self) -> None:
         """Drop packs of adapters that were deleted (merged adapters come and go)."""
@@ -177,7 +229,7 @@ class FastLora:
         elif len(call.unique) == 1:
             p = self._pack(layer, call.unique[0])
             merged = self._merged_weight(layer, call.unique[0]) if p is not None else None
-            plan = ("base",) if p is None else ("merged", merged) if merged is not None else ("single", p)
+            plan = ("base",) if p is None else ("merged", call.unique[0], p) if merged is not None else ("single", p)
         else:
             packs = [self._pack(layer, n) for n in call.rows]
             real = [p for p in packs if p is not None]
@@ -204,18 +256,28 @@ class FastLora:
         if kind == "merged":
             import torch.nn.functional as F
 
-            w, bias = plan[1]
-            if self.max_rows and w.device.type == "cpu":
+            table = self._merged.get(plan[1])
+            entry = table.get(id(layer)) if table is not None else None
+            if entry is None:  # evicted from the merged LRU since the plan was made: LoRA on the base
+                plan = ("single", plan[2])
+                return self._lora(layer, plan, x)
+            w, bias = entry[0], entry[1]
+            if (self.max_rows or self.pad_one) and w.device.type == "cpu":
                 from experts.backends.cpu_tuning import small_rows_linear
 
-                return small_rows_linear(x, w, bias, self.max_rows)
+                return small_rows_linear(x, w, bias, self.max_rows, self.pad_one)
             return F.linear(x, w, bias)
-        y = layer.base_layer(x)  # plain Linear (GEMM path from cpu_tuning) or quantized
         if kind == "base":
-            return y
+            return layer.base_layer(x)
+        if kind == "mixed" and x.shape[0] != plan[1].shape[0]:  # e.g. a caller that reshaped the batch
+            return orig(x, adapter_names=list(call.rows))
+        return self._lora(layer, plan, x)
+
+    def _lora(self, layer: Any, plan: Any, x: torch.Tensor) -> torch.Tensor:
         import torch
 
-        if kind == "single":
+        y = layer.base_layer(x)  # plain Linear (GEMM path from cpu_tuning) or quantized
+        if plan[0] == "single":
             p = plan[1]
             xa = x.to(p.a_t.dtype) if x.dtype != p.a_t.dtype else x
             h = xa.reshape(-1, x.shape[-1]) @ p.a_t
@@ -223,8 +285,6 @@ class FastLora:
                 return torch.addmm(y.reshape(-1, y.shape[-1]), h, p.b_t).reshape(y.shape)
             return y + (h @ p.b_t).to(y.dtype).reshape(y.shape)
         a, b = plan[1], plan[2]
-        if x.shape[0] != a.shape[0]:  # e.g. a caller that reshaped the batch: let peft handle it
-            return orig(x, adapter_names=list(call.rows))
         xa = x.to(a.dtype) if x.dtype != a.dtype else x
         h = torch.bmm(xa.reshape(x.shape[0], -1, x.shape[-1]), a)
         if y.dtype == b.dtype:  # y + bmm(h, B_rows) in one op
@@ -238,7 +298,6 @@ class FastLora:
         table = self._merged.get(name)
         if table is None:
             return None
-        self._merged.move_to_end(name)
         entry = table.get(id(layer))
         if entry is None or entry[2] is not layer.lora_A[name].weight or entry[3] is not layer.lora_B[name].weight:
             return None  # the adapter changed since the merge: use the LoRA path
@@ -248,8 +307,9 @@ class FastLora:
         """Merge ``name`` into a cached copy of every projection (LRU of ``merged_experts``)."""
         if self.merged_experts <= 0 or name == BASE:
             return False
+        state = self._state([name])[0]
         with self._merge_lock:
-            if name in self._merged:
+            if name in self._merged and self._merged_state.get(name) is state:
                 self._merged.move_to_end(name)
                 return True
             table: dict[int, tuple[Any, ...]] = {}
@@ -264,8 +324,11 @@ class FastLora:
                 merged = (w.float() + (p.a_t.float() @ p.b_t.float()).t()).to(w.dtype).contiguous()
                 table[id(layer)] = (merged, base.bias, p.src[0], p.src[1])
             self._merged[name] = table
+            self._merged_state[name] = state
+            self._merged.move_to_end(name)
             while len(self._merged) > self.merged_experts:
-                self._merged.popitem(last=False)
+                dropped, _ = self._merged.popitem(last=False)
+                self._merged_state.pop(dropped, None)
             return True
 
     def clear(self) -> None:
@@ -273,11 +336,20 @@ class FastLora:
         with self._merge_lock:
             self._packs.clear()
             self._merged.clear()
+            self._merged_state.clear()
+            self._calls.clear()
+            self._calls_bytes = 0
 
 
-def install_fast_lora(peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0) -> FastLora | None:
+def _plan_bytes(plan: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in plan[1:3])
+
+
+def install_fast_lora(
+    peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_one: bool = False
+) -> FastLora | None:
     """Patch ``peft_model`` (a ``PeftModel`` with LoRA adapters); None when it cannot be done."""
-    fl = FastLora(peft_model, max_rows=max_rows, merged_experts=merged_experts)
+    fl = FastLora(peft_model, max_rows=max_rows, merged_experts=merged_experts, pad_one=pad_one)
     return fl if fl.install() else None
 
 
@@ -295,8 +367,9 @@ def install_fast_paths(backend: Any) -> FastLora | None:
         fl.install()
         return fl
     plan = getattr(backend.base, "gemm", None)
-    max_rows = plan.max_rows if plan is not None and plan.path == "wxt" else 0
+    wxt = plan is not None and plan.path == "wxt"
+    max_rows = plan.max_rows if wxt else 0
     merged = 0 if opts.quantize != "none" else opts.merged_experts  # merging would undo the fewer bytes
-    fl = install_fast_lora(backend.model, max_rows=max_rows, merged_experts=merged)
+    fl = install_fast_lora(backend.model, max_rows=max_rows, merged_experts=merged, pad_one=wxt and plan.pad_one)
     backend.fast_lora = fl
     return fl

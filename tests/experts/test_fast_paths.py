@@ -98,6 +98,9 @@ def test_small_rows_linear_equals_linear() -> None:
     for shape in [(1, 64), (2, 1, 64), (3, 1, 64), (4, 64), (2, 5, 64), (1, 3, 64)]:
         x = torch.randn(*shape, generator=g)
         torch.testing.assert_close(small_rows_linear(x, w, b, 4), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        # a one-row step as the row twice (threaded GEMM instead of gemv): the same numbers
+        torch.testing.assert_close(small_rows_linear(x, w, b, 4, pad_one=True), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(small_rows_linear(x, w, None, 4, pad_one=True), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
 def test_gemm_path_keeps_greedy_output(local_backend: Any) -> None:
@@ -106,14 +109,14 @@ def test_gemm_path_keeps_greedy_output(local_backend: Any) -> None:
     plan = local_backend.base.gemm
     if plan is None or plan.path != "wxt":
         pytest.skip(f"the probe chose torch's default GEMM path here ({plan})")
-    rows = ["__base__", "__base__", "finance"]
-    fast = _texts(local_backend, rows)
+    batches = (["__base__", "__base__", "finance"], ["__base__"])  # several rows; one row (padded when probed so)
+    fast = [_texts(local_backend, rows) for rows in batches]
     patched = [m for m in local_backend.base.model.modules() if type(m) is nn.Linear and "forward" in vars(m)]
     saved = [m.forward for m in patched]
     for m in patched:
         del m.forward
     try:
-        ref = _texts(local_backend, rows)
+        ref = [_texts(local_backend, rows) for rows in batches]
     finally:
         for m, f in zip(patched, saved):
             m.forward = f
