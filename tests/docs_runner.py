@@ -15,7 +15,8 @@ embeddings (not converted again). Nothing is written into the repository.
 
 Short settings come from environment variables the commands honour, so the blocks run as written:
 ``EXPERTMIX_MAX_NEW_TOKENS=4`` (answers) and ``EXPERTMIX_TRAIN_SMOKE=1`` (``experts train``: one
-step on two rows, four validation rows). The one rewrite: every port (``127.0.0.1:PORT``, ``localhost:PORT``,
+step on two rows, four validation rows) and ``EXPERTMIX_ROUTER_SMOKE=1`` (``router train``: C fixed
+at 0.1, the value the full search picks on the shared data, so no leave-one-source-out search). The one rewrite: every port (``127.0.0.1:PORT``, ``localhost:PORT``,
 ``--port PORT``; ``expertmix serve`` without ``--port`` means 8000) becomes a free port. Background jobs are
 stopped when the session ends.
 """

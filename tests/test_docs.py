@@ -55,6 +55,7 @@ def test_command_blocks_run(doc: str, tmp_path: Path) -> None:
         EXPERTMIX_HOME=str(home),
         EXPERTMIX_MAX_NEW_TOKENS="4",
         EXPERTMIX_TRAIN_SMOKE="1",
+        EXPERTMIX_ROUTER_SMOKE="1",
         EXPERTMIX_DOCS_TEST="1",
         OMP_WAIT_POLICY="PASSIVE",
         HF_HUB_OFFLINE="1",
