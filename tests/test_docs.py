@@ -132,3 +132,21 @@ def test_short_settings_reach_every_door(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("EXPERTMIX_MAX_NEW_TOKENS", "lots")
     with pytest.raises(InputError, match="EXPERTMIX_MAX_NEW_TOKENS"):
         RequestOptions().generation(settings)
+
+
+def test_router_smoke_fits_what_the_full_search_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EXPERTMIX_ROUTER_SMOKE (what the blocks run with) fixes C at the value the full search chose for the
+    shipped router, with one unit per label, so `router train` in the docs fits the same router."""
+    import json
+
+    from orchestrator.cli_router import _smoke, _train_config
+
+    shipped = json.loads((REPO / "router_training" / "default" / "router.json").read_text(encoding="utf-8"))
+    for value, on in (("", False), ("0", False), ("1", True)):
+        monkeypatch.setenv("EXPERTMIX_ROUTER_SMOKE", value)
+        assert _smoke() is on
+    cfg = _train_config("logreg", 0.03, 1, 2, "auto", quick=True)
+    searched = shipped["classifier"]["cv_macro_f1"]
+    assert cfg.c_grid == (shipped["classifier"]["C"],), "the shipped router's search chose another C"
+    assert cfg.subclasses == shipped["classifier"]["units"] // len(shipped["labels"]) == 1
+    assert list(searched) == ["subclasses=1"] and len(searched["subclasses=1"]) > 1  # it did search
