@@ -1,8 +1,8 @@
 """``decompose``: every part of the plan goes to its own top expert; the answers are composed.
 
 All parts of all experts run in **one** call of the execution layer (one mixed-adapter batch
-locally, concurrent requests remotely); each expert sees its part first and the whole request
-as context (:func:`~orchestrator.planning.part_messages`). A part that abstained goes to the
+locally, concurrent requests remotely); each expert sees its part first and the rest of the
+request as context (:func:`~orchestrator.planning.part_messages`). A part that abstained goes to the
 base model. A failed part goes to its next routed expert, then to the base. Composition:
 ``sections`` (default; each answer under a heading made of the part's own words, no LLM pass)
 or ``synthesis`` (the aggregator over the parts' answers, with the meta-answer guard).

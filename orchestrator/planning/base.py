@@ -82,15 +82,29 @@ class Planner(Protocol):
     def plan(self, question: str, ctx: PlanContext) -> Plan: ...
 
 
-_CONTEXT = "\n\n(This is one part of a longer request: \"{whole}\". Answer only this part.)"
+_CONTEXT = "\n\n(The rest of the request: \"{rest}\")"
+_WHOLE = "\n\n(This is one part of a longer request: \"{whole}\". Answer only this part.)"
 
 
 def part_messages(messages: Sequence[Message], plan: Plan, part: Part) -> list[Message]:
-    """The messages the expert answering ``part`` sees: the part's question first, the whole request as
-    context after it; earlier turns of the conversation are kept. A one-part plan changes nothing."""
+    """The messages the expert answering ``part`` sees: the part's question first, then the rest of
+    the request as context, so the whole request is in the prompt once (every part prompt is
+    prefilled, and on CPU prefill is a large share of a two-part answer's time). A part without a
+    span (an LLM plan's paraphrase) gets the whole request after it. Earlier turns of the
+    conversation are kept; a one-part plan changes nothing."""
     msgs = [dict(m) for m in messages]
     if len(plan.parts) <= 1:
         return msgs
+    last = max(i for i, m in enumerate(msgs) if m.get("role") == "user")
+    content = str(msgs[last]["content"])
+    a, b = part.span if part.span is not None else (0, 0)
+    rest = " ".join(f"{content[:a]} … {content[b:]}".split()).strip(" …,;:") if 0 <= a < b <= len(content) else ""
+    if rest:
+        context = _CONTEXT.format(rest=rest)
+    else:
+        context = _WHOLE.format(whole=" ".join(content.split()))
+    msgs[last] = {**msgs[last], "content": part.text + context}
+    return msgs
     last = max(i for i, m in enumerate(msgs) if m.get("role") == "user")
     whole = " ".join(str(msgs[last]["content"]).split())
     msgs[last] = {**msgs[last], "content": part.text + _CONTEXT.format(whole=whole)}

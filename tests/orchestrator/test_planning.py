@@ -106,9 +106,18 @@ def test_max_parts_folds_the_tail() -> None:
 def test_part_messages_put_the_part_first_and_keep_the_whole_request() -> None:
     q = "What is EBITDA? Also, write a user story for the checkout page."
     plan, _ = _plan(q)
-    msgs = part_messages([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}], plan, plan.parts[1])
-    assert msgs[0] == {"role": "system", "content": "Be brief."}
-    assert msgs[1]["content"].startswith("Write a user story") and q in msgs[1]["content"]
+    sys_msg = {"role": "system", "content": "Be brief."}
+    second = part_messages([sys_msg, {"role": "user", "content": q}], plan, plan.parts[1])
+    assert second[0] == sys_msg
+    # the part first, then the rest of the request (the whole request is in the prompt, once)
+    assert second[1]["content"] == 'Write a user story for the checkout page.\n\n(The rest of the request: "What is EBITDA? Also")'
+    first = part_messages([{"role": "user", "content": q}], plan, plan.parts[0])
+    assert first[0]["content"] == 'What is EBITDA?\n\n(The rest of the request: "Also, write a user story for the checkout page.")'
+    # a part without a span (an LLM plan's paraphrase) gets the whole request after it
+    from dataclasses import replace
+
+    free = replace(plan.parts[1], span=None)
+    assert q in part_messages([{"role": "user", "content": q}], plan, free)[0]["content"]
 
 
 def test_llm_plan_validation() -> None:
