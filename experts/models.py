@@ -242,6 +242,6 @@ def _install_cpu_paths(mdl: Any, device: str, options: FastOptions) -> Any:
         shapes["mlp"] = (inter, hidden)
     plan = choose_gemm(options.gemm, device=device, shapes=shapes or None)
     n = install_gemm(mdl, plan)
-    logger.info("GEMM path %s (up to %d rows, one row padded: %s, %s) on %d linear layers", plan.path, plan.max_rows,
-                plan.pad_one, plan.source, n)
+    logger.info("GEMM path %s (up to %d rows, padded row counts %s, %s) on %d linear layers", plan.path, plan.max_rows,
+                plan.pad_to, plan.source, n)
     return plan

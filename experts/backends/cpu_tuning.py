@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,9 +51,14 @@ class GemmPlan:
 
     path: str = "default"
     max_rows: int = 0
-    #: one-row decode steps as a two-row product (the row twice): MKL's one-row gemv runs on one
-    #: thread, the two-row GEMM on all of them (lm_head 13.2 ms -> 9.0 ms on 2 cores)
-    pad_one: bool = False
+    #: row counts computed as a larger, faster product (the first row repeated), e.g. ``((1, 2), (3, 4))``:
+    #: MKL's one-row gemv runs on one thread, the two-row GEMM on all of them (lm_head 13.2 -> 9.0 ms
+    #: on 2 cores), and its three-column kernel is slower than its four-column one
+    pad: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def pad_to(self) -> dict[int, int]:
+        return dict(self.pad)
     source: str = "default"  # "probe", "cache", "config", "cuda" (CPU tricks off)
     probe: dict[str, Any] | None = None
 
@@ -73,36 +79,41 @@ def _machine_key() -> str:
     except OSError:
         pass
     # probe=2: the decision rule (ranges start at two rows); older cached probes are re-run
-    # probe=3: adds the padded one-row product
-    return f"{cpu}|cores={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}|probe=3"
+    # probe=4: adds padded row counts
+    return f"{cpu}|cores={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}|probe=4"
 
 
 def small_rows_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int, pad_one: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    max_rows: int,
+    pad_to: Mapping[int, int] | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; as ``(W @ x.T).T`` for a decode step of at most ``max_rows`` rows.
 
     Per phase: a (batch, seq, in) input with seq > 1 is a prefill and keeps torch's path (bit-identical
     to plain transformers); a decode step (seq == 1) or a 2-D input of few rows takes the transposed form.
-    With ``pad_one``, a one-row step is computed as two rows (the row twice) so MKL runs its threaded
-    GEMM instead of a single-threaded gemv; the weights are still read once.
+    ``pad_to`` maps a row count to a larger one computed instead (the first row repeated, the extra
+    outputs dropped): one row as two makes MKL run its threaded GEMM instead of a single-threaded
+    gemv; the weights are still read once and each row's numbers do not depend on the others.
     """
     import torch
     import torch.nn.functional as F
 
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     prefill = x.dim() >= 3 and x.shape[-2] != 1
-    if rows == 1 and pad_one and not prefill and x.dtype == weight.dtype:
-        x1 = x.reshape(1, x.shape[-1])
-        y = (weight @ torch.cat([x1, x1]).t())[:, 0]
-        y = y + bias if bias is not None else y.contiguous()
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-    if prefill or rows < 2 or rows > max_rows or x.dtype != weight.dtype:
+    if prefill or x.dtype != weight.dtype:
+        return F.linear(x, weight, bias)
+    n = pad_to.get(rows, rows) if pad_to else rows
+    if n == rows and (rows < 2 or rows > max_rows):
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
+    if n > rows:
+        x2 = torch.cat([x2, x2[:1].expand(n - rows, -1)])
     # contiguous: a strided (column-major) result makes every later op slower (SDPA leaves its
     # fused kernel, elementwise ops and the argmax over the vocabulary read with a stride)
-    y = (weight @ x2.t()).t().contiguous()
+    y = (weight @ x2.t())[:, :rows].t().contiguous()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -120,10 +131,10 @@ def _time(fn: Any, reps: int) -> list[float]:
 def probe_gemm(shapes: dict[str, tuple[int, int]], *, reps: int = 5, rows: tuple[int, ...] = _PROBE_ROWS) -> dict[str, Any]:
     """Time ``linear`` vs ``wxt`` on random weights of ``shapes`` for each row count, interleaved.
 
-    Returns ``{"rows": {r: {"default_ms": .., "wxt_ms": ..}}, "max_rows": n, "pad_one": bool}`` where
+    Returns ``{"rows": {r: {"default_ms": .., "wxt_ms": ..}}, "max_rows": n, "pad": [[r, p], ...]}`` where
     ``n`` is the largest row count (from 2) up to which ``wxt`` is not slower in total over the shapes,
-    and ``pad_one`` says whether a one-row product is faster as two rows (by more than 5%); for one
-    row, ``wxt_ms`` is the padded product.
+    and ``pad`` lists the row counts that are faster (by more than 5%) computed as a larger probed
+    count within that range.
     """
     import torch
     import torch.nn.functional as F
@@ -133,7 +144,6 @@ def probe_gemm(shapes: dict[str, tuple[int, int]], *, reps: int = 5, rows: tuple
     table: dict[str, dict[str, float]] = {}
     max_rows = 0
     losing = False
-    pad_one = False
     with torch.inference_mode():
         for r in rows:
             xs = {k: torch.randn(r, w.shape[1], generator=gen) for k, w in weights.items()}
@@ -144,7 +154,7 @@ def probe_gemm(shapes: dict[str, tuple[int, int]], *, reps: int = 5, rows: tuple
 
             def wxt(xs: dict[str, torch.Tensor] = xs) -> None:
                 for k, w in weights.items():
-                    small_rows_linear(xs[k], w, None, 1 << 30, pad_one=True)
+                    small_rows_linear(xs[k], w, None, 1 << 30)
 
             default(), wxt()  # warm-up
             d: list[float] = []
@@ -156,14 +166,27 @@ def probe_gemm(shapes: dict[str, tuple[int, int]], *, reps: int = 5, rows: tuple
                 t.append(b if first is default else a)
             dm, tm = statistics.median(d) * 1e3, statistics.median(t) * 1e3
             table[str(r)] = {"default_ms": round(dm, 3), "wxt_ms": round(tm, 3)}
-            if r == 1:
-                pad_one = tm < dm * 0.95
             # contiguous from two rows: the first row count where wxt loses ends its range
             if r >= 2:
                 losing = losing or tm > dm * 1.02
                 if not losing:
                     max_rows = r
-    return {"rows": table, "max_rows": max_rows, "pad_one": pad_one, "shapes": {k: list(s) for k, s in shapes.items()}, "reps": reps}
+    return {"rows": table, "max_rows": max_rows, "pad": _pad_choice(table, max_rows), "shapes": {k: list(s) for k, s in shapes.items()}, "reps": reps}
+
+
+def _pad_choice(table: dict[str, dict[str, float]], max_rows: int) -> list[list[int]]:
+    """Row counts to compute as a larger probed count: the fastest count p >= r (2 <= p <= max_rows)
+    when it beats r's own path (torch's for one row, ``wxt`` from two) by more than 5%."""
+    own = {int(r): (v["default_ms"] if int(r) == 1 else v["wxt_ms"]) for r, v in table.items()}
+    wxt = {int(r): v["wxt_ms"] for r, v in table.items() if 2 <= int(r) <= max_rows}
+    pad = []
+    for r in sorted(own):
+        if r > max_rows:
+            break
+        best = min((p for p in wxt if p > r), key=lambda p: wxt[p], default=None)
+        if best is not None and wxt[best] < own[r] * 0.95:
+            pad.append([r, best])
+    return pad
 
 
 def _read_cache() -> dict[str, Any]:
@@ -193,9 +216,8 @@ def choose_gemm(
     cache = _read_cache()
     hit = cache.get(key)
     if hit and not refresh and isinstance(hit.get("max_rows"), int):
-        n = hit["max_rows"]
-        pad = bool(hit.get("pad_one", False))
-        return GemmPlan(path="wxt" if n > 0 or pad else "default", max_rows=n, pad_one=pad, source="cache", probe=hit)
+        n, pad = hit["max_rows"], tuple((int(a), int(b)) for a, b in hit.get("pad", []))
+        return GemmPlan(path="wxt" if n > 0 else "default", max_rows=n, pad=pad, source="cache", probe=hit)
     shapes = shapes or {"lm_head": (49152, 576), "mlp": (1536, 576)}
     t = time.perf_counter()
     result = probe_gemm(shapes)
@@ -206,8 +228,8 @@ def choose_gemm(
         atomic_write_text(expertmix_home() / _CACHE_FILE, json.dumps(cache, indent=2) + "\n")
     except OSError as exc:  # a read-only home only costs the probe next time
         logger.warning("cannot cache the GEMM probe in %s: %s", expertmix_home(), exc)
-    n, pad = result["max_rows"], result["pad_one"]
-    return GemmPlan(path="wxt" if n > 0 or pad else "default", max_rows=n, pad_one=pad, source="probe", probe=result)
+    n, pad = result["max_rows"], tuple((a, b) for a, b in result["pad"])
+    return GemmPlan(path="wxt" if n > 0 else "default", max_rows=n, pad=pad, source="probe", probe=result)
 
 
 def install_gemm(model: Any, plan: GemmPlan) -> int:
@@ -217,12 +239,12 @@ def install_gemm(model: Any, plan: GemmPlan) -> int:
     """
     from torch import nn
 
-    if plan.path != "wxt" or (plan.max_rows <= 0 and not plan.pad_one):
+    if plan.path != "wxt" or plan.max_rows <= 0:
         return 0
     n = 0
     for mod in model.modules():
         if type(mod) is nn.Linear and mod.weight.device.type == "cpu":
-            def forward(x: Any, _m: nn.Linear = mod, _n: int = plan.max_rows, _p: bool = plan.pad_one) -> Any:
+            def forward(x: Any, _m: nn.Linear = mod, _n: int = plan.max_rows, _p: dict[int, int] = plan.pad_to) -> Any:
                 return small_rows_linear(x, _m.weight, _m.bias, _n, _p)
 
             mod.forward = forward

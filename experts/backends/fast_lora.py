@@ -63,10 +63,12 @@ class _Call:
 class FastLora:
     """Owns the patched layers of one peft model; see the module docstring."""
 
-    def __init__(self, peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_one: bool = False) -> None:
+    def __init__(
+        self, peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_to: dict[int, int] | None = None
+    ) -> None:
         self.model = peft_model
         self.max_rows = max_rows  # small-row GEMM path for merged weights (cpu_tuning); 0 = off
-        self.pad_one = pad_one  # one-row decode steps as a two-row GEMM (cpu_tuning)
+        self.pad_to = pad_to or {}  # row counts computed as larger products (cpu_tuning)
         self.merged_experts = merged_experts
         self.enabled = True  # False: peft's own path (benchmarks compare both in one process)
         self._tls = threading.local()
@@ -262,10 +264,10 @@ class FastLora:
                 plan = ("single", plan[2])
                 return self._lora(layer, plan, x)
             w, bias = entry[0], entry[1]
-            if (self.max_rows or self.pad_one) and w.device.type == "cpu":
+            if self.max_rows and w.device.type == "cpu":
                 from experts.backends.cpu_tuning import small_rows_linear
 
-                return small_rows_linear(x, w, bias, self.max_rows, self.pad_one)
+                return small_rows_linear(x, w, bias, self.max_rows, self.pad_to)
             return F.linear(x, w, bias)
         if kind == "base":
             return layer.base_layer(x)
@@ -346,10 +348,10 @@ def _plan_bytes(plan: Any) -> int:
 
 
 def install_fast_lora(
-    peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_one: bool = False
+    peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_to: dict[int, int] | None = None
 ) -> FastLora | None:
     """Patch ``peft_model`` (a ``PeftModel`` with LoRA adapters); None when it cannot be done."""
-    fl = FastLora(peft_model, max_rows=max_rows, merged_experts=merged_experts, pad_one=pad_one)
+    fl = FastLora(peft_model, max_rows=max_rows, merged_experts=merged_experts, pad_to=pad_to)
     return fl if fl.install() else None
 
 
@@ -370,6 +372,6 @@ def install_fast_paths(backend: Any) -> FastLora | None:
     wxt = plan is not None and plan.path == "wxt"
     max_rows = plan.max_rows if wxt else 0
     merged = 0 if opts.quantize != "none" else opts.merged_experts  # merging would undo the fewer bytes
-    fl = install_fast_lora(backend.model, max_rows=max_rows, merged_experts=merged, pad_one=wxt and plan.pad_one)
+    fl = install_fast_lora(backend.model, max_rows=max_rows, merged_experts=merged, pad_to=plan.pad_to if wxt else None)
     backend.fast_lora = fl
     return fl

@@ -98,9 +98,23 @@ def test_small_rows_linear_equals_linear() -> None:
     for shape in [(1, 64), (2, 1, 64), (3, 1, 64), (4, 64), (2, 5, 64), (1, 3, 64)]:
         x = torch.randn(*shape, generator=g)
         torch.testing.assert_close(small_rows_linear(x, w, b, 4), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-        # a one-row step as the row twice (threaded GEMM instead of gemv): the same numbers
-        torch.testing.assert_close(small_rows_linear(x, w, b, 4, pad_one=True), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(small_rows_linear(x, w, None, 4, pad_one=True), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        # padded row counts (one row as two: threaded GEMM instead of gemv; three as four): the same numbers
+        pad = {1: 2, 3: 4}
+        torch.testing.assert_close(small_rows_linear(x, w, b, 4, pad), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(small_rows_linear(x, w, None, 4, pad), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_pad_choice_takes_a_larger_row_count_only_when_clearly_faster() -> None:
+    from experts.backends.cpu_tuning import _pad_choice
+
+    # the probe measured on this 2-core EPYC (ms over lm_head + mlp shapes)
+    table = {"1": {"default_ms": 17.1, "wxt_ms": 12.6}, "2": {"default_ms": 33.9, "wxt_ms": 12.0},
+             "3": {"default_ms": 54.3, "wxt_ms": 15.6}, "4": {"default_ms": 41.4, "wxt_ms": 13.7},
+             "8": {"default_ms": 37.2, "wxt_ms": 19.6}}
+    assert _pad_choice(table, 8) == [[1, 2], [3, 4]]
+    assert _pad_choice(table, 2) == [[1, 2]]  # nothing padded past the transposed path's range
+    table["3"]["wxt_ms"] = 14.0  # within 5% of four rows: not worth the extra row
+    assert _pad_choice(table, 8) == [[1, 2]]
 
 
 def test_gemm_path_keeps_greedy_output(local_backend: Any) -> None:
