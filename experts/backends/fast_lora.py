@@ -58,6 +58,7 @@ class _Call:
         self.state = state
         self.plans: dict[int, Any] = {}
         self.nbytes = 0  # gathered mixed-batch weights held by the plans
+        self.dirty = False  # plans added since the last accounting
 
 
 class FastLora:
@@ -170,7 +171,10 @@ class FastLora:
         return call
 
     def _account(self, call: _Call) -> None:
-        """After a call: count its gathered bytes and evict the least recently used calls."""
+        """After a call that made new plans: count its gathered bytes, evict the least recently used calls."""
+        if not call.dirty:
+            return  # a decode step that reused every plan: nothing to count
+        call.dirty = False
         nbytes = sum(_plan_bytes(p) for p in call.plans.values() if p[0] == "mixed")
         with self._merge_lock:
             if self._calls.get(call.rows) is not call:
@@ -248,6 +252,7 @@ class FastLora:
                         b[i, : p.b_t.shape[0], :] = p.b_t
                 plan = ("mixed", a, b)
         call.plans[id(layer)] = plan
+        call.dirty = True
         return plan
 
     def _forward(self, layer: Any, orig: Any, call: _Call, x: torch.Tensor) -> torch.Tensor:
