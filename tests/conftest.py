@@ -17,8 +17,50 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two test processes share the CPU: OpenBLAS's busy-waiting threads (scikit-learn's fits in
+    # `router train`) ran ~1.5x slower next to a busy torch process than single-threaded ones
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 SHARED_DATA = Path(os.environ.get("EXPERTMIX_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+# Tests that take tens of seconds to minutes (docs pages run every command; benches load models in
+# a fresh process; not whole modules whose fixture starts a server, which would then start on every
+# worker). Under pytest-xdist (`make test`) they are spread over the workers first, so
+# none is left running alone at the end; the README page is the longest.
+_LONG = ("test_docs.py::test_command_blocks_run[README.md]", "test_docs.py::test_command_blocks_run",
+         "test_benches.py::test_bench_smoke", "test_models.py::test_concurrent_first_loads",
+         "test_models.py::test_cached_load")
+
+
+def _rank(item: pytest.Item) -> int:
+    for i, key in enumerate(_LONG):
+        if key in item.nodeid:
+            return i
+    return len(_LONG) if item.get_closest_marker("slow") else -1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist's ``worksteal`` (each worker first gets one contiguous share of the list), start
+    every share with its part of the long tests."""
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if n < 2:
+        return
+    ranked = [(r, i, it) for i, it in enumerate(items) if (r := _rank(it)) >= 0]
+    long = [it for _, _, it in sorted(ranked, key=lambda t: (t[0], t[1]))]
+    chosen = {id(it) for it in long}
+    rest = [it for it in items if id(it) not in chosen]
+    out: list[pytest.Item] = []
+    left = len(items)
+    for w in range(n):
+        size = left // (n - w)
+        left -= size
+        share = long[w::n]
+        take = max(0, size - len(share))
+        out += share + rest[:take]
+        rest = rest[take:]
+    items[:] = out + rest
 
 
 @pytest.fixture(autouse=True)

@@ -102,6 +102,7 @@ BAD = [
     ("[router]\nmin_weight = -0.1", "router.min_weight", "[0, 1)"),
     ('[router]\npath = "no/such/router"', "router.path", "does not exist"),
     ('[base]\ndtype = "int3"', "base.dtype", "unknown dtype"),
+    ('[base]\nlean_decode = "yes"', "base.lean_decode", "true or false"),
     ('experts = "finance"', "experts", "array of tables"),
 ]
 
