@@ -10,10 +10,12 @@ float32 and are added on top (peft keeps adapters in float for non-float base we
 
 Quality is gated by ``bench/backend.py --int8`` (per-token NLL on each domain's val sample vs float32).
 
-Measured (2-core AMD EPYC, AVX2, torch 2.13, one thread, interleaved medians): torch's CPU
-``_weight_int8pack_mm`` takes 0.95 ms for a 1536x576 projection at one row against 0.21 ms for
-float32 ``x @ W.T``, so on this CPU class int8 is *slower* despite reading 4x fewer bytes; it is
-off by default and kept for CPUs/torch builds where the kernel is fast (check with the bench).
+Decode steps (1-4 rows) use expertmix's own int8 product (:mod:`experts.backends.cpu_kernels`)
+when it builds: it streams the int8 bytes at memory speed. Without it, torch's CPU
+``_weight_int8pack_mm`` is the fallback, which on a 2-core AVX2 EPYC took 0.95 ms for a 1536x576
+projection at one row against 0.21 ms for float32 (compute-bound there). Prefill (more rows)
+dequantizes the layer and uses MKL's float32 GEMM. Off by default: it changes the numbers (the
+bench's NLL gate says by how much).
 """
 
 from __future__ import annotations
@@ -47,11 +49,22 @@ def _int8_linear_cls() -> type:
             self.register_buffer("scales", scale.contiguous())
             self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().float(), requires_grad=False)
 
+        kernels: Any = None  # cpu_kernels.Kernels, set by quantize_model when they load
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            import torch.nn.functional as F
+
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
             dt = x2.dtype
-            y = torch.ops.aten._weight_int8pack_mm(x2.float().contiguous(), self.weight, self.scales)
+            rows = x2.shape[0]
+            k = self.kernels
+            if k is not None and k.enabled and rows <= 4 and (x.dim() < 3 or shape[-2] == 1):
+                y = k.gemv(x2.float(), self.weight, self.scales)  # decode: reads the int8 bytes once
+            elif rows > 4:  # prefill: compute-bound; a float32 copy of this layer and MKL's GEMM
+                y = F.linear(x2.float(), self.dequantized())
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x2.float().contiguous(), self.weight, self.scales)
             if self.bias is not None:
                 y = y + self.bias
             return y.to(dt).reshape(*shape[:-1], self.out_features)
@@ -87,12 +100,17 @@ def quantize_model(model: Any, mode: str, *, device: str = "cpu") -> int:
         raise ModelError(f"quantize = \"int8\" is a CPU path; on {device} use dtype = \"bfloat16\" (or vLLM)")
     if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         raise ModelError(f"quantize = \"int8\" needs torch >= 2.3 (this is {torch.__version__})")
+    from experts.backends import cpu_kernels
+
     cls = Int8Linear()
+    kernels = cpu_kernels.load()
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls(mod))
+        q = cls(mod)
+        q.kernels = kernels
+        setattr(parent, child, q)
     if hasattr(model.config, "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # lm_head now has its own (int8) weight
     return len(targets)

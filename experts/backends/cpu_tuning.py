@@ -11,7 +11,10 @@ Which form wins, and up to how many rows, depends on the CPU and MKL build, so a
 (CPU model, cores, torch version, threads) in ``$EXPERTMIX_HOME/cpu_tuning.json``.
 
 Paths (``[base] gemm``): ``"auto"`` (probe, cached), ``"default"`` (torch's linear, no patch),
-``"wxt"`` (the transposed product up to 4 rows). On CUDA nothing is patched.
+``"wxt"`` (the transposed product up to 4 rows), ``"kernel"`` (expertmix's own small-row product,
+:mod:`experts.backends.cpu_kernels`, for 1-4 rows; ``wxt`` above). The probe also times that kernel
+against MKL on weights that do not fit the cache (a decode step streams ~0.5 GB of them) and
+takes it where it is faster. On CUDA nothing is patched.
 
 ``MKL_CBWR`` (MKL's reproducibility branch) also changes the small-M kernels, but MKL only
 accepts it before its first computation (``mkl_cbwr_set`` returns -8 afterwards), so it can only
@@ -35,11 +38,12 @@ from expertmix.io import atomic_write_text, expertmix_home
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GEMM_PATHS", "GemmPlan", "choose_gemm", "install_gemm", "probe_gemm", "set_mkl_cbwr", "small_rows_linear"]
+__all__ = ["GEMM_PATHS", "GemmPlan", "choose_gemm", "install_gemm", "plan_kernels", "probe_gemm", "probe_kernel",
+           "set_mkl_cbwr", "small_rows_linear"]
 
 logger = logging.getLogger(__name__)
 
-GEMM_PATHS = ("auto", "default", "wxt")
+GEMM_PATHS = ("auto", "default", "wxt", "kernel")
 _PROBE_ROWS = (1, 2, 3, 4, 8, 16)
 _CACHE_FILE = "cpu_tuning.json"
 _CBWR = {"OFF": 0, "BRANCH_OFF": 1, "AUTO": 2, "COMPATIBLE": 3, "AVX": 9, "AVX2": 10, "AVX512": 12}
@@ -61,6 +65,8 @@ class GemmPlan:
         return dict(self.pad)
     source: str = "default"  # "probe", "cache", "config", "cuda" (CPU tricks off)
     probe: dict[str, Any] | None = None
+    #: 1-4 rows through expertmix's own product (cpu_kernels) instead of MKL
+    kernel: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,8 +85,8 @@ def _machine_key() -> str:
     except OSError:
         pass
     # probe=2: the decision rule (ranges start at two rows); older cached probes are re-run
-    # probe=4: adds padded row counts
-    return f"{cpu}|cores={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}|probe=4"
+    # probe=4: adds padded row counts; probe=5: adds the small-row kernel (cpu_kernels)
+    return f"{cpu}|cores={os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}|probe=5"
 
 
 def small_rows_linear(
@@ -89,6 +95,7 @@ def small_rows_linear(
     bias: torch.Tensor | None,
     max_rows: int,
     pad_to: Mapping[int, int] | None = None,
+    kernels: Any = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; as ``(W @ x.T).T`` for a decode step of at most ``max_rows`` rows.
 
@@ -97,6 +104,7 @@ def small_rows_linear(
     ``pad_to`` maps a row count to a larger one computed instead (the first row repeated, the extra
     outputs dropped): one row as two makes MKL run its threaded GEMM instead of a single-threaded
     gemv; the weights are still read once and each row's numbers do not depend on the others.
+    ``kernels`` (:class:`cpu_kernels.Kernels`): decode steps of 1-4 rows use its product instead.
     """
     import torch
     import torch.nn.functional as F
@@ -105,6 +113,12 @@ def small_rows_linear(
     prefill = x.dim() >= 3 and x.shape[-2] != 1
     if prefill or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
+    if (kernels is not None and kernels.enabled and 0 < rows <= 4 and weight.dtype == torch.float32
+            and weight.is_contiguous()):
+        y = kernels.gemv(x.reshape(rows, x.shape[-1]), weight)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     n = pad_to.get(rows, rows) if pad_to else rows
     if n == rows and (rows < 2 or rows > max_rows):
         return F.linear(x, weight, bias)
@@ -174,6 +188,52 @@ def probe_gemm(shapes: dict[str, tuple[int, int]], *, reps: int = 5, rows: tuple
     return {"rows": table, "max_rows": max_rows, "pad": _pad_choice(table, max_rows), "shapes": {k: list(s) for k, s in shapes.items()}, "reps": reps}
 
 
+def probe_kernel(shapes: dict[str, tuple[int, int]], mkl: dict[str, Any], *, reps: int = 3,
+                 pool_mb: int = 64) -> dict[str, Any] | None:
+    """Time the small-row kernel against the probed MKL path (``mkl``: ``probe_gemm``'s result) at
+    1-4 rows, on enough distinct weights of each shape (``pool_mb`` per shape) that they stream from
+    memory like a decode step's. None when the kernels are unavailable here."""
+    import torch
+
+    from experts.backends import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        return None
+    gen = torch.Generator().manual_seed(1)
+    pools = {}
+    for k, (o, i) in shapes.items():
+        n = max(1, -(-pool_mb * (1 << 20) // (o * i * 4)))
+        pools[k] = [torch.randn(o, i, generator=gen) for _ in range(n)]
+    n_mkl, pad = mkl["max_rows"], {a: b for a, b in mkl["pad"]}
+    table: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for r in range(1, 5):
+            xs = {k: torch.randn(r, ws[0].shape[1], generator=gen) for k, ws in pools.items()}
+
+            def ours(xs: dict[str, torch.Tensor] = xs) -> None:
+                for k, ws in pools.items():
+                    for w in ws:
+                        kernels.gemv(xs[k], w)
+
+            def theirs(xs: dict[str, torch.Tensor] = xs) -> None:
+                for k, ws in pools.items():
+                    for w in ws:
+                        small_rows_linear(xs[k], w, None, n_mkl, pad)
+
+            ours(), theirs()
+            a: list[float] = []
+            b: list[float] = []
+            for i in range(reps):
+                order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+                for fn in order:
+                    (a if fn is ours else b).append(_time(fn, 1)[0])
+            table[str(r)] = {"kernel_ms": round(statistics.median(a) * 1e3, 3),
+                             "mkl_ms": round(statistics.median(b) * 1e3, 3)}
+    total = {k: sum(v[f"{k}_ms"] for v in table.values()) for k in ("kernel", "mkl")}
+    return {"rows": table, "kernel": total["kernel"] < total["mkl"] * 0.95, "pool_mb": pool_mb}
+
+
 def _pad_choice(table: dict[str, dict[str, float]], max_rows: int) -> list[list[int]]:
     """Row counts to compute as a larger probed count: the fastest count p >= r (2 <= p <= max_rows)
     when it beats r's own path (torch's for one row, ``wxt`` from two) by more than 5%."""
@@ -208,6 +268,12 @@ def choose_gemm(
         return GemmPlan(source="config")
     if setting == "wxt":
         return GemmPlan(path="wxt", max_rows=4, source="config")
+    if setting == "kernel":
+        from experts.backends import cpu_kernels
+
+        if not cpu_kernels.available():
+            logger.warning("gemm = \"kernel\": %s; using \"wxt\"", cpu_kernels.unavailable_reason() or "build failed")
+        return GemmPlan(path="wxt", max_rows=4, source="config", kernel=cpu_kernels.available())
     if setting != "auto":
         from expertmix.errors import ConfigError
 
@@ -217,10 +283,17 @@ def choose_gemm(
     hit = cache.get(key)
     if hit and not refresh and isinstance(hit.get("max_rows"), int):
         n, pad = hit["max_rows"], tuple((int(a), int(b)) for a, b in hit.get("pad", []))
-        return GemmPlan(path="wxt" if n > 0 else "default", max_rows=n, pad=pad, source="cache", probe=hit)
+        kernel = bool((hit.get("kernel") or {}).get("kernel"))
+        if kernel:
+            from experts.backends import cpu_kernels
+
+            kernel = cpu_kernels.available()  # e.g. the compiler went away since the probe
+        return GemmPlan(path="wxt" if n > 0 or kernel else "default", max_rows=max(n, 4 if kernel else 0), pad=pad,
+                        source="cache", probe=hit, kernel=kernel)
     shapes = shapes or {"lm_head": (49152, 576), "mlp": (1536, 576)}
     t = time.perf_counter()
     result = probe_gemm(shapes)
+    result["kernel"] = probe_kernel(shapes, result)
     result["probe_s"] = round(time.perf_counter() - t, 2)
     logger.info("GEMM probe (%.1f s): wxt up to %d rows", result["probe_s"], result["max_rows"])
     cache[key] = result
@@ -229,7 +302,9 @@ def choose_gemm(
     except OSError as exc:  # a read-only home only costs the probe next time
         logger.warning("cannot cache the GEMM probe in %s: %s", expertmix_home(), exc)
     n, pad = result["max_rows"], tuple((a, b) for a, b in result["pad"])
-    return GemmPlan(path="wxt" if n > 0 else "default", max_rows=n, pad=pad, source="probe", probe=result)
+    kernel = bool((result["kernel"] or {}).get("kernel"))
+    return GemmPlan(path="wxt" if n > 0 or kernel else "default", max_rows=max(n, 4 if kernel else 0), pad=pad,
+                    source="probe", probe=result, kernel=kernel)
 
 
 def install_gemm(model: Any, plan: GemmPlan) -> int:
@@ -241,15 +316,25 @@ def install_gemm(model: Any, plan: GemmPlan) -> int:
 
     if plan.path != "wxt" or plan.max_rows <= 0:
         return 0
+    kernels = plan_kernels(plan)
     n = 0
     for mod in model.modules():
         if type(mod) is nn.Linear and mod.weight.device.type == "cpu":
             def forward(x: Any, _m: nn.Linear = mod, _n: int = plan.max_rows, _p: dict[int, int] = plan.pad_to) -> Any:
-                return small_rows_linear(x, _m.weight, _m.bias, _n, _p)
+                return small_rows_linear(x, _m.weight, _m.bias, _n, _p, kernels)
 
             mod.forward = forward
             n += 1
     return n
+
+
+def plan_kernels(plan: GemmPlan | None) -> Any:
+    """The loaded small-row kernels when ``plan`` uses them, else None."""
+    if plan is None or not plan.kernel:
+        return None
+    from experts.backends import cpu_kernels
+
+    return cpu_kernels.load()
 
 
 def set_mkl_cbwr(mode: str) -> bool:

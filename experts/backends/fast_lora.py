@@ -65,9 +65,11 @@ class FastLora:
     """Owns the patched layers of one peft model; see the module docstring."""
 
     def __init__(
-        self, peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_to: dict[int, int] | None = None
+        self, peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_to: dict[int, int] | None = None,
+        kernels: Any = None,
     ) -> None:
         self.model = peft_model
+        self.kernels = kernels  # cpu_kernels.Kernels for merged weights at 1-4 rows (cpu_tuning)
         self.max_rows = max_rows  # small-row GEMM path for merged weights (cpu_tuning); 0 = off
         self.pad_to = pad_to or {}  # row counts computed as larger products (cpu_tuning)
         self.merged_experts = merged_experts
@@ -272,7 +274,7 @@ class FastLora:
             if self.max_rows and w.device.type == "cpu":
                 from experts.backends.cpu_tuning import small_rows_linear
 
-                return small_rows_linear(x, w, bias, self.max_rows, self.pad_to)
+                return small_rows_linear(x, w, bias, self.max_rows, self.pad_to, self.kernels)
             return F.linear(x, w, bias)
         if kind == "base":
             return layer.base_layer(x)
@@ -353,10 +355,11 @@ def _plan_bytes(plan: Any) -> int:
 
 
 def install_fast_lora(
-    peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_to: dict[int, int] | None = None
+    peft_model: Any, *, max_rows: int = 0, merged_experts: int = 0, pad_to: dict[int, int] | None = None,
+    kernels: Any = None,
 ) -> FastLora | None:
     """Patch ``peft_model`` (a ``PeftModel`` with LoRA adapters); None when it cannot be done."""
-    fl = FastLora(peft_model, max_rows=max_rows, merged_experts=merged_experts, pad_to=pad_to)
+    fl = FastLora(peft_model, max_rows=max_rows, merged_experts=merged_experts, pad_to=pad_to, kernels=kernels)
     return fl if fl.install() else None
 
 
@@ -377,6 +380,9 @@ def install_fast_paths(backend: Any) -> FastLora | None:
     wxt = plan is not None and plan.path == "wxt"
     max_rows = plan.max_rows if wxt else 0
     merged = 0 if opts.quantize != "none" else opts.merged_experts  # merging would undo the fewer bytes
-    fl = install_fast_lora(backend.model, max_rows=max_rows, merged_experts=merged, pad_to=plan.pad_to if wxt else None)
+    from experts.backends.cpu_tuning import plan_kernels
+
+    fl = install_fast_lora(backend.model, max_rows=max_rows, merged_experts=merged, pad_to=plan.pad_to if wxt else None,
+                           kernels=plan_kernels(plan) if wxt else None)
     backend.fast_lora = fl
     return fl

@@ -1,0 +1,119 @@
+"""The small-row CPU kernels: built at first use, same products as torch (float32 within 1e-4,
+int8 equal to the dequantized product), same greedy answers in the model; off cleanly when they
+cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from experts.backends import cpu_kernels
+from experts.backends.base import GenerationConfig
+
+MSGS = [{"role": "user", "content": "How should a team budget for a new product launch?"}]
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels.unavailable_reason() is not None, reason=f"kernels unavailable here: {cpu_kernels.unavailable_reason()}"
+)
+
+
+def test_kernels_are_available_on_linux_x86_with_a_compiler() -> None:
+    """CI runs on Linux x86-64 with gcc: the kernels must build there, not silently skip."""
+    import platform
+
+    if platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("cc"):
+        flags = Path("/proc/cpuinfo").read_text().split()
+        if "avx2" in flags and "fma" in flags:
+            assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+
+
+@needs_kernels
+@pytest.mark.parametrize(("n_out", "n_in"), [(576, 576), (193, 576), (37, 100), (1536, 576), (5, 9)])
+def test_float32_product_matches_torch(n_out: int, n_in: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    k = cpu_kernels.load()
+    assert k is not None
+    g = torch.Generator().manual_seed(n_out)
+    w = torch.randn(n_out, n_in, generator=g)
+    for rows in range(1, 5):
+        x = torch.randn(rows, n_in, generator=g)
+        ref = F.linear(x, w)
+        got = k.gemv(x, w)
+        assert got.shape == ref.shape
+        assert float((got - ref).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+@needs_kernels
+def test_int8_product_equals_the_dequantized_product() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    k = cpu_kernels.load()
+    assert k is not None
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (200, 72), generator=g, dtype=torch.int8)
+    scale = torch.rand(200, generator=g) / 100
+    for rows in range(1, 5):
+        x = torch.randn(rows, 72, generator=g)
+        ref = F.linear(x, q.float() * scale[:, None])
+        assert float((k.gemv(x, q, scale) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+
+
+def test_no_compiler_means_no_kernels_and_no_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EXPERTMIX_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-anywhere")
+    assert cpu_kernels.load() is None
+    assert cpu_kernels.gemv(*_xw()) is None
+    monkeypatch.setenv("CC", str(tmp_path / "broken-cc"))
+    (tmp_path / "broken-cc").write_text("#!/bin/sh\necho 'error: broken on purpose' >&2\nexit 3\n")
+    (tmp_path / "broken-cc").chmod(0o755)
+    assert cpu_kernels.load() is None  # the build failed: logged, nothing half-written left behind
+    assert not list((tmp_path / "kernels").glob("*")) if (tmp_path / "kernels").exists() else True
+    monkeypatch.setenv("EXPERTMIX_CPU_KERNELS", "0")
+    assert cpu_kernels.unavailable_reason() == "EXPERTMIX_CPU_KERNELS=0"
+
+
+def _xw() -> tuple[Any, Any]:
+    import torch
+
+    return torch.ones(1, 8), torch.ones(4, 8)
+
+
+@needs_kernels
+def test_kernel_path_keeps_greedy_answers(local_backend: Any) -> None:
+    """Decode steps of 1-3 rows (mixed adapters, merged single expert, base) with the kernel vs MKL."""
+    from torch import nn
+
+    from experts.backends.cpu_tuning import GemmPlan, install_gemm
+
+    k = cpu_kernels.load()
+    assert k is not None
+    model = local_backend.base.model
+    saved = {m: vars(m).get("forward") for m in model.modules() if type(m) is nn.Linear}
+    fl = local_backend.fast_lora
+    keep = (fl.kernels, fl.max_rows) if fl else None
+    install_gemm(model, GemmPlan(path="wxt", max_rows=4, kernel=True))  # re-patches every base Linear
+    if fl:
+        fl.kernels, fl.max_rows = k, 4
+    cfg = GenerationConfig(max_new_tokens=12)
+    batches = (["finance", "engineering", "__base__"], ["finance"], ["__base__"])
+    try:
+        k.enabled = True
+        ours = [[g.text for g in local_backend.generate([(r, MSGS) for r in rows], cfg)] for rows in batches]
+        k.enabled = False
+        theirs = [[g.text for g in local_backend.generate([(r, MSGS) for r in rows], cfg)] for rows in batches]
+    finally:
+        k.enabled = True
+        for m, f in saved.items():
+            if f is None:
+                vars(m).pop("forward", None)
+            else:
+                m.forward = f
+        if fl and keep:
+            fl.kernels, fl.max_rows = keep
+    assert ours == theirs
