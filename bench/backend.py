@@ -67,10 +67,18 @@ class StepTimer:
 
 
 @contextlib.contextmanager
-def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = True, lean: bool = True
-          ) -> Iterator[None]:
-    """Switch the fast paths for one measurement: lora "fast"/"peft", merged weights, GEMM path, lean step."""
+def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = True, lean: bool = True,
+          kernel: bool = True) -> Iterator[None]:
+    """Switch the fast paths for one measurement: lora "fast"/"peft", merged weights, GEMM path (``gemm``;
+    ``kernel``: expertmix's small-row kernel within it), lean step."""
     from torch import nn
+
+    from experts.backends.cpu_tuning import plan_kernels
+
+    kern = plan_kernels(local.base.gemm)
+    keep_kern = kern.enabled if kern is not None else None
+    if kern is not None:
+        kern.enabled = kernel and gemm
 
     fl = local.fast_lora
     keep = (fl.enabled, fl.merged_experts) if fl else None
@@ -94,6 +102,8 @@ def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = T
             fl.enabled, fl.merged_experts = keep
         if ld is not None:
             ld.enabled = keep_lean
+        if kern is not None:
+            kern.enabled = keep_kern
 
 
 def bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
@@ -193,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         fns[f"base_k{k}"] = measure(["__base__"] * k)
         fns[f"base_k{k}_default"] = measure(["__base__"] * k, gemm=False, lean=False)
     fns["experts_k1_transformers_step"] = measure(experts_k[1], lean=False)  # chosen paths but transformers' step
+    fns["experts_k1_mkl"] = measure(experts_k[1], kernel=False)  # chosen paths but MKL's products
+    fns["experts_k2_mkl"] = measure(experts_k[2], kernel=False)
     C.log(f"[1/4] decode step: {len(fns)} variants x {reps} rounds, {n_tok} tokens ...")
     _, res = _interleaved_results(fns, reps, warm)
     step = {n: C.med([s for _, s in v]) for n, v in res.items()}
@@ -235,12 +247,18 @@ def main(argv: list[str] | None = None) -> int:
                 "base_step_ms": step["base_k1"] * 1e3, "base_fraction": roof_s / step["base_k1"],
                 "single_expert_transformers_step_ms": step["experts_k1_transformers_step"] * 1e3,
                 "lean_over_transformers_step": C.paired_ratio([s for _, s in res["experts_k1"]],
-                                                              [s for _, s in res["experts_k1_transformers_step"]])}
+                                                              [s for _, s in res["experts_k1_transformers_step"]]),
+                "single_expert_mkl_step_ms": step["experts_k1_mkl"] * 1e3,
+                "kernel_over_mkl_step": C.paired_ratio([s for _, s in res["experts_k1"]],
+                                                       [s for _, s in res["experts_k1_mkl"]]),
+                "experts_k2_mkl_step_ms": step["experts_k2_mkl"] * 1e3,
+                "experts_k2_over_k1_mkl": C.paired_ratio([s for _, s in res["experts_k2_mkl"]],
+                                                         [s for _, s in res["experts_k1_mkl"]])}
 
     # -- 4. int8 --------------------------------------------------------------------------------------------
     int8: dict[str, Any] | None = None
     if args.int8 and not args.smoke:
-        int8 = _int8_section(local, specs, msgs, cfg, reps, warm, bw, n_val=3 if args.quick else 8)
+        int8 = _int8_section(local, timer, specs, msgs, cfg, reps, warm, bw, n_val=3 if args.quick else 8)
 
     _print(n_tok, reps, warm, kind, ks, step, prefill, per_path, mixed, roofline, int8, local, info)
     result = {
@@ -278,8 +296,8 @@ def _interleaved_results(fns: dict[str, Any], reps: int, warm: int) -> tuple[Any
     return None, res
 
 
-def _int8_section(local: Any, specs: list[Any], msgs: Any, cfg: Any, reps: int, warm: int, bw: float,
-                  *, n_val: int) -> dict[str, Any]:
+def _int8_section(local: Any, timer: StepTimer, specs: list[Any], msgs: Any, cfg: Any, reps: int, warm: int,
+                  bw: float, *, n_val: int) -> dict[str, Any]:
     from experts.backends.local import LocalBackend
     from experts.models import FastOptions, load_base
 
@@ -289,13 +307,16 @@ def _int8_section(local: Any, specs: list[Any], msgs: Any, cfg: Any, reps: int, 
     qtimer = StepTimer(q.base.model)
     expert = C.DOMAINS[0]
     ts: dict[str, list[float]] = {"fp32": [], "int8": []}
-    runs = {"fp32": local, "int8": q}
+    steps: dict[str, list[float]] = {"fp32": [], "int8": []}
+    runs, timers = {"fp32": local, "int8": q}, {"fp32": timer, "int8": qtimer}
+    timer.split() if timer.calls else None
     for r in range(warm + reps):
         for name in ("fp32", "int8") if r % 2 == 0 else ("int8", "fp32"):
             g = runs[name].generate([(expert, msgs)], cfg)[0]
+            _, step = timers[name].split()
             if r >= warm:
                 ts[name].append(g.tokens / g.latency_s)
-    qtimer.split() if qtimer.calls else None
+                steps[name].append(step)
     val = load_val(n_val)
     names = ["__base__", *C.DOMAINS]
     nll32, nll8 = nll_table(local, val, names), nll_table(q, val, names)
@@ -305,7 +326,10 @@ def _int8_section(local: Any, specs: list[Any], msgs: Any, cfg: Any, reps: int, 
     return {
         "tokens_per_s": {k: C.med(v) for k, v in ts.items()},
         "int8_over_fp32_tps": C.paired_ratio(ts["int8"], ts["fp32"]),
+        "decode_step_ms": {k: round(C.med(v) * 1e3, 2) for k, v in steps.items()},
+        "int8_over_fp32_decode_tps": C.paired_ratio(steps["fp32"], steps["int8"]),
         "weight_bytes": nbytes, "roofline_step_ms": nbytes / (bw * 1e9) * 1e3,
+        "roofline_fraction": nbytes / (bw * 1e9) / C.med(steps["int8"]),
         "nll_fp32": nll32, "nll_int8": nll8, "nll_rel_delta": delta, "nll_delta_max": worst,
         "nll_gate_1pct": worst <= 0.01, "val_rows_per_domain": n_val,
     }
@@ -343,12 +367,20 @@ def _print(n_tok: int, reps: int, warm: int, kind: str, ks: Any, step: dict, pre
         ["base step (ms) / fraction", f"{roof['base_step_ms']:.1f} / {roof['base_fraction']:.2f}"],
         ["single expert, transformers' step (lean off) (ms)", f"{roof['single_expert_transformers_step_ms']:.1f}"],
         ["lean step / transformers' step", f"{roof['lean_over_transformers_step']:.2f}x"],
+        ["single expert with MKL's products instead of the kernel (ms)", f"{roof['single_expert_mkl_step_ms']:.1f}"],
+        ["kernel step / MKL step (single expert)", f"{roof['kernel_over_mkl_step']:.2f}x"],
+        ["experts k=2 / k=1 with MKL's products", f"{roof['experts_k2_over_k1_mkl']:.2f}x"],
     ]))
     if int8:
         print()
         print(C.table(["int8 weight-only base (LoRA float32)", "value"], [
-            ["tokens/s int8 / fp32", (f"{int8['tokens_per_s']['int8']:.1f} / {int8['tokens_per_s']['fp32']:.1f} "
-                                      f"({int8['int8_over_fp32_tps']:.2f}x)")],
+            ["tokens/s int8 / fp32 (whole generation, prefill included)",
+             (f"{int8['tokens_per_s']['int8']:.1f} / {int8['tokens_per_s']['fp32']:.1f} "
+              f"({int8['int8_over_fp32_tps']:.2f}x)")],
+            ["decode step ms int8 / fp32 (decode tokens/s ratio)",
+             (f"{int8['decode_step_ms']['int8']:.1f} / {int8['decode_step_ms']['fp32']:.1f} "
+              f"({int8['int8_over_fp32_decode_tps']:.2f}x)")],
+            ["int8 roofline fraction (its bytes / copy bandwidth)", f"{int8['roofline_fraction']:.2f}"],
             ["worst relative per-token NLL change (base + experts x domains)",
              f"{int8['nll_delta_max'] * 100:.2f}% (gate 1%: {'pass' if int8['nll_gate_1pct'] else 'FAIL'})"],
         ]))
@@ -373,7 +405,8 @@ def _paths(local: Any) -> dict[str, Any]:
     return {"gemm": plan.path if plan else None, "gemm_max_rows": plan.max_rows if plan else None,
             "gemm_source": plan.source if plan else None, "fast_lora": fl is not None,
             "merged_experts": fl.merged_experts if fl else 0, "quantize": opts.quantize if opts else "none",
-            "lean_decode": getattr(local.base.model, "_expertmix_lean", None) is not None}
+            "lean_decode": getattr(local.base.model, "_expertmix_lean", None) is not None,
+            "cpu_kernel": bool(plan and plan.kernel)}
 
 
 if __name__ == "__main__":

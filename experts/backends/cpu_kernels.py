@@ -55,6 +55,11 @@ class Kernels:
         self._i8 = lib.expertmix_gemv_i8
         for fn in (self._f32, self._i8):
             fn.argtypes, fn.restype = sig, ctypes.c_int
+        self._f32_lora = lib.expertmix_gemv_f32_lora
+        self._i8_lora = lib.expertmix_gemv_i8_lora
+        lsig = [*sig, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+        for fn in (self._f32_lora, self._i8_lora):
+            fn.argtypes, fn.restype = lsig, ctypes.c_int
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T`` (times ``scale`` per output row) for a 2-D float32 ``x`` of 1-4 rows.
@@ -69,6 +74,30 @@ class Kernels:
         fn = self._i8 if weight.dtype == torch.int8 else self._f32
         fn(weight.data_ptr(), x.data_ptr(), y.data_ptr(), scale.data_ptr() if scale is not None else None,
            n_out, n_in, rows)
+        return y
+
+
+    def gemv_lora(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor,
+                  b: torch.Tensor) -> torch.Tensor:
+        """:meth:`gemv` plus each row's LoRA term ``(x[r] @ a[r]) @ b[r]`` in the same pass.
+
+        ``a`` is ``(rows, in, rank)`` and ``b`` ``(rows, rank, out)`` (one adapter per row, the LoRA
+        scale folded into ``b``), or ``(in, rank)`` / ``(rank, out)`` for one adapter on every row;
+        contiguous float32, rank at most 64."""
+        import torch
+
+        rows, n_in = x.shape
+        n_out = weight.shape[0]
+        rank = a.shape[-1]
+        per_row = a.dim() == 3
+        x = x.contiguous()
+        y = torch.empty((rows, n_out), dtype=torch.float32)
+        fn = self._i8_lora if weight.dtype == torch.int8 else self._f32_lora
+        rc = fn(weight.data_ptr(), x.data_ptr(), y.data_ptr(), scale.data_ptr() if scale is not None else None,
+                n_out, n_in, rows, a.data_ptr(), b.data_ptr(), n_in * rank if per_row else 0,
+                rank * n_out if per_row else 0, rank)
+        if rc != 0:
+            raise ValueError(f"gemv_lora: unsupported shapes (rows={rows}, rank={rank})")
         return y
 
 

@@ -285,6 +285,10 @@ class FastLora:
     def _lora(self, layer: Any, plan: Any, x: torch.Tensor) -> torch.Tensor:
         import torch
 
+        if self.kernels is not None and self.kernels.enabled:
+            fused = self._lora_kernel(layer, plan, x)
+            if fused is not None:
+                return fused
         y = layer.base_layer(x)  # plain Linear (GEMM path from cpu_tuning) or quantized
         if plan[0] == "single":
             p = plan[1]
@@ -299,6 +303,32 @@ class FastLora:
         if y.dtype == b.dtype:  # y + bmm(h, B_rows) in one op
             return torch.baddbmm(y.reshape(x.shape[0], -1, y.shape[-1]), h, b).reshape(y.shape)
         return y + torch.bmm(h, b).to(y.dtype).reshape(y.shape)
+
+    def _lora_kernel(self, layer: Any, plan: Any, x: torch.Tensor) -> torch.Tensor | None:
+        """A decode step of 1-4 rows as one call of the CPU kernel: base product + every row's LoRA
+        term (cpu_kernels); None when the shapes or types are not the kernel's."""
+        import torch
+
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not 0 < rows <= 4 or (x.dim() >= 3 and x.shape[-2] != 1) or x.dtype != torch.float32:
+            return None
+        base = layer.base_layer
+        w = getattr(base, "weight", None)
+        if w is None or w.device.type != "cpu" or not w.is_contiguous():
+            return None
+        if w.dtype == torch.float32 and type(base) is torch.nn.Linear:
+            scale = None
+        elif w.dtype == torch.int8 and getattr(base, "scales", None) is not None:  # quantize.Int8Linear
+            scale = base.scales
+        else:
+            return None
+        a, b = (plan[1].a_t, plan[1].b_t) if plan[0] == "single" else (plan[1], plan[2])
+        if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[-1] > 64:
+            return None
+        y = self.kernels.gemv_lora(x.reshape(rows, x.shape[-1]), w, scale, a, b)
+        if base.bias is not None:
+            y = y + base.bias
+        return y.reshape(*x.shape[:-1], w.shape[0])
 
     # -- merged single-expert weights ----------------------------------------------------------------
     def _merged_weight(self, layer: Any, name: str) -> tuple[torch.Tensor, Any] | None:

@@ -64,6 +64,37 @@ def test_int8_product_equals_the_dequantized_product() -> None:
         assert float((k.gemv(x, q, scale) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
+@needs_kernels
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_fused_lora_equals_base_plus_each_rows_adapter(int8: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    k = cpu_kernels.load()
+    assert k is not None
+    g = torch.Generator().manual_seed(5)
+    n_out, n_in, rank = 150, 96, 8
+    if int8:
+        w = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
+        scale = torch.rand(n_out, generator=g) / 100
+        dense = w.float() * scale[:, None]
+    else:
+        w, scale = torch.randn(n_out, n_in, generator=g), None
+        dense = w
+    for rows in range(1, 5):
+        x = torch.randn(rows, n_in, generator=g)
+        a = torch.randn(rows, n_in, rank, generator=g)
+        b = torch.randn(rows, rank, n_out, generator=g)
+        b[0] = 0  # a __base__ row: zeros
+        ref = F.linear(x, dense) + torch.bmm(torch.bmm(x[:, None], a), b)[:, 0]
+        got = k.gemv_lora(x, w, scale, a, b)
+        assert float((got - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+        a1, b1 = torch.randn(n_in, rank, generator=g), torch.randn(rank, n_out, generator=g)
+        shared = k.gemv_lora(x, w, scale, a1, b1)  # one adapter on every row
+        ref1 = F.linear(x, dense) + (x @ a1) @ b1
+        assert float((shared - ref1).abs().max()) < 1e-4 * float(ref1.abs().max())
+
+
 def test_no_compiler_means_no_kernels_and_no_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("EXPERTMIX_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler-anywhere")

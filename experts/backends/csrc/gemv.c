@@ -7,6 +7,11 @@
  * is a compile-time constant per kernel. Weights: float32, or int8 with one float32 scale per
  * output row (4x fewer bytes: the activations stay float32). AVX2 + FMA; built at first use by
  * experts/backends/cpu_kernels.py and linked against the process's libgomp (torch's).
+ *
+ * The *_lora variants add each row's LoRA term in the same call (S-LoRA/Punica BGMV):
+ * y[r] += B[r] (A[r] x[r]) with A[r] (I x rank) and B[r] (rank x O, the scale folded in) at
+ * element strides a_stride / b_stride between rows (0: one adapter for every row). Each thread
+ * computes the tiny A-products itself and adds the B-product to its own output rows.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -64,6 +69,26 @@ static inline float hsum(__m256 v) {
         }                                                                                         \
     }
 
+static void lora_rows(const float *x, float *y, const float *A, const float *B, long a_stride,
+                      long b_stride, long o0, long o1, long O, long I, int R, int rank) {
+    float h[64];
+    for (int r = 0; r < R; r++) {
+        const float *a = A + r * a_stride, *b = B + r * b_stride, *xr = x + r * I;
+        for (int k = 0; k < rank; k++) h[k] = 0.f;
+        for (long i = 0; i < I; i++) {
+            float xi = xr[i];
+            const float *ai = a + i * rank;
+            for (int k = 0; k < rank; k++) h[k] += xi * ai[k];
+        }
+        float *yr = y + r * O;
+        for (int k = 0; k < rank; k++) {
+            float hk = h[k];
+            const float *bk = b + k * O;
+            for (long o = o0; o < o1; o++) yr[o] += hk * bk[o];
+        }
+    }
+}
+
 #define KERNEL(NAME, T, LOAD)                                                                     \
     BLOCK(NAME, T, LOAD, 1)                                                                       \
     BLOCK(NAME, T, LOAD, 2)                                                                       \
@@ -80,6 +105,25 @@ static inline float hsum(__m256 v) {
                 case 2: NAME##_r2(W, x, y, sc, o0, o1, I, O); break;                              \
                 case 3: NAME##_r3(W, x, y, sc, o0, o1, I, O); break;                              \
                 default: NAME##_r4(W, x, y, sc, o0, o1, I, O); break;                             \
+            }                                                                                     \
+        }                                                                                         \
+        return 0;                                                                                 \
+    }                                                                                             \
+    int NAME##_lora(const T *W, const float *x, float *y, const float *sc, long O, long I, int R, \
+                    const float *A, const float *B, long a_stride, long b_stride, int rank) {     \
+        if (R < 1 || R > 4 || rank < 1 || rank > 64) return -1;                                   \
+        _Pragma("omp parallel") {                                                                 \
+            int nt = omp_get_num_threads(), t = omp_get_thread_num();                             \
+            long per = ((O + nt - 1) / nt + 3) & ~3L;                                             \
+            long o0 = t * per, o1 = o0 + per < O ? o0 + per : O;                                  \
+            if (o0 < O) {                                                                         \
+                switch (R) {                                                                      \
+                    case 1: NAME##_r1(W, x, y, sc, o0, o1, I, O); break;                          \
+                    case 2: NAME##_r2(W, x, y, sc, o0, o1, I, O); break;                          \
+                    case 3: NAME##_r3(W, x, y, sc, o0, o1, I, O); break;                          \
+                    default: NAME##_r4(W, x, y, sc, o0, o1, I, O); break;                         \
+                }                                                                                 \
+                lora_rows(x, y, A, B, a_stride, b_stride, o0, o1, O, I, R, rank);                 \
             }                                                                                     \
         }                                                                                         \
         return 0;                                                                                 \
