@@ -10,8 +10,8 @@ inside it), so a server one block starts in the background serves the blocks aft
 models load once per server, not once per block. The session runs in a sandbox that mirrors a
 fresh clone beside the shared data: ``ROOT/main`` holds a copy of the repository's files (its
 ``.venv`` a link to this one), ``ROOT/shared/data`` links to the shared data, and
-``EXPERTMIX_HOME`` is a fresh directory that links to the cached converted base model and
-embeddings (not converted again). Nothing is written into the repository.
+``EXPERTMIX_HOME`` is a fresh directory that links to the cached converted base model,
+embeddings and built CPU kernels (not converted or built again). Nothing is written into the repository.
 
 Short settings come from environment variables the commands honour, so the blocks run as written:
 ``EXPERTMIX_MAX_NEW_TOKENS=4`` (answers) and ``EXPERTMIX_TRAIN_SMOKE=1`` (``experts train``: one
@@ -133,7 +133,7 @@ def sandbox(repo: Path, root: Path, *, home_cache: Path, shared_data: Path) -> t
             shutil.copy2(src, dst)
     (work / ".venv").symlink_to(repo / ".venv")
     home.mkdir()
-    for name in ("models", "embeddings"):
+    for name in ("models", "embeddings", "kernels"):
         (home_cache / name).mkdir(parents=True, exist_ok=True)
         (home / name).symlink_to(home_cache / name)
     if (home_cache / "cpu_tuning.json").is_file():
