@@ -309,7 +309,8 @@ def _paths(local) -> dict:
         "gemm": plan.path if plan else None, "gemm_max_rows": plan.max_rows if plan else None,
         "gemm_source": plan.source if plan else None,
         "fast_lora": fl is not None and fl.enabled, "merged_experts": fl.merged_experts if fl else 0,
-        "quantize": opts.quantize if opts else "none",
+        "quantize": opts.quantize if opts else "none", "cpu_kernel": bool(plan and getattr(plan, "kernel", False)),
+        "lean_decode": getattr(local.base.model, "_expertmix_lean", None) is not None,
     }
 
 
