@@ -249,7 +249,7 @@ def _install_cpu_paths(mdl: Any, device: str, options: FastOptions) -> Any:
     n = install_gemm(mdl, plan)
     logger.info("GEMM path %s (up to %d rows, padded row counts %s, %s) on %d linear layers", plan.path, plan.max_rows,
                 plan.pad_to, plan.source, n)
-    if options.lean_decode:
+    if options.lean_decode and device.startswith("cpu"):  # a CPU trick: on CUDA transformers' step stays
         from experts.backends.lean_decode import install_lean_decode, unsupported_reason
 
         if install_lean_decode(mdl) is None:
