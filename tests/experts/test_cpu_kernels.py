@@ -148,3 +148,13 @@ def test_kernel_path_keeps_greedy_answers(local_backend: Any) -> None:
         if fl and keep:
             fl.kernels, fl.max_rows = keep
     assert ours == theirs
+
+
+def test_gemm_kernel_setting_uses_the_kernel_when_it_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from experts.backends.cpu_tuning import choose_gemm
+
+    plan = choose_gemm("kernel", device="cpu")
+    assert plan.path == "wxt" and plan.max_rows == 4 and plan.kernel == cpu_kernels.available()
+    monkeypatch.setenv("EXPERTMIX_CPU_KERNELS", "0")
+    off = choose_gemm("kernel", device="cpu")  # falls back to MKL's transposed product, with a warning
+    assert off.path == "wxt" and not off.kernel
