@@ -247,8 +247,9 @@ def _install_cpu_paths(mdl: Any, device: str, options: FastOptions) -> Any:
     logger.info("GEMM path %s (up to %d rows, padded row counts %s, %s) on %d linear layers", plan.path, plan.max_rows,
                 plan.pad_to, plan.source, n)
     if options.lean_decode and device.startswith("cpu"):  # a CPU trick: on CUDA transformers' step stays
+        from experts.backends.cpu_tuning import plan_kernels
         from experts.backends.lean_decode import install_lean_decode, unsupported_reason
 
-        if install_lean_decode(mdl) is None:
+        if install_lean_decode(mdl, plan_kernels(plan)) is None:
             logger.info("lean decode step off: %s", unsupported_reason(mdl))
     return plan

@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from expertmix.io import expertmix_home
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MAX_ROWS", "Kernels", "available", "gemv", "load", "unavailable_reason"]
+__all__ = ["MAX_ROWS", "Kernels", "ProductSpec", "available", "gemv", "linear_spec", "load", "unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,54 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
+@dataclass(frozen=True)
+class ProductSpec:
+    """One projection as the kernels see it: ``x @ weight.T`` (times ``scale``) + ``bias`` + LoRA.
+
+    ``a``/``b``: LoRA ``Aᵀ`` (in, rank) and ``s·Bᵀ`` (rank, out) for every row, or one adapter per
+    row as ``(rows, in, rank)`` / ``(rows, rank, out)``; None without LoRA."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+
+    def with_lora(self, a: torch.Tensor, b: torch.Tensor) -> ProductSpec | None:
+        """This product plus a LoRA term; None when the kernels cannot take it (dtype, rank, layout)."""
+        import torch
+
+        if (a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[-1] > 64 or not a.is_contiguous()
+                or not b.is_contiguous() or a.device.type != "cpu"):
+            return None
+        return ProductSpec(self.weight, self.scale, self.bias, a, b)
+
+
+def linear_spec(module: Any) -> ProductSpec | None:
+    """The product of a plain float32 ``nn.Linear`` or an int8 ``quantize.Int8Linear`` on CPU, else None.
+
+    Modules with forward hooks, other types or other dtypes are not the kernels' (None)."""
+    import torch
+    from torch import nn
+
+    w = getattr(module, "weight", None)
+    if (w is None or w.dim() != 2 or w.device.type != "cpu" or not w.is_contiguous() or module._forward_hooks
+            or module._forward_pre_hooks):
+        return None
+    if type(module) is nn.Linear and w.dtype == torch.float32:
+        scale = None
+    elif w.dtype == torch.int8 and isinstance(getattr(module, "scales", None), torch.Tensor):
+        scale = module.scales
+    else:
+        return None
+    bias = module.bias
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return None
+    return ProductSpec(w, scale, bias)
+
+
 class Kernels:
-    """The loaded library: float32 and int8 small-row products."""
+    """The loaded library: float32 and int8 small-row products, and a whole decode step."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -60,6 +107,8 @@ class Kernels:
         lsig = [*sig, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
         for fn in (self._f32_lora, self._i8_lora):
             fn.argtypes, fn.restype = lsig, ctypes.c_int
+        self.decode_step = lib.expertmix_decode_step  # kernel_step.py builds its arguments
+        self.decode_step.argtypes, self.decode_step.restype = [ctypes.c_void_p], ctypes.c_int
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T`` (times ``scale`` per output row) for a 2-D float32 ``x`` of 1-4 rows.
@@ -99,6 +148,14 @@ class Kernels:
         if rc != 0:
             raise ValueError(f"gemv_lora: unsupported shapes (rows={rows}, rank={rank})")
         return y
+
+    def apply(self, x: torch.Tensor, spec: ProductSpec) -> torch.Tensor:
+        """``spec``'s product for a 2-D float32 ``x`` of 1-4 rows (bias and LoRA included)."""
+        if spec.a is not None and spec.b is not None:
+            y = self.gemv_lora(x, spec.weight, spec.scale, spec.a, spec.b)
+        else:
+            y = self.gemv(x, spec.weight, spec.scale)
+        return y + spec.bias if spec.bias is not None else y
 
 
 def _cpu_flags() -> set[str]:

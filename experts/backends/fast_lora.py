@@ -124,6 +124,7 @@ class FastLora:
 
         layer.forward = forward
         layer._expertmix_fast = True
+        layer._expertmix_fast_lora = self  # kernel_step.py asks kernel_spec for its product
         self.layers.append(layer)
 
     def _hooks(self, orig: Any) -> Any:
@@ -312,23 +313,46 @@ class FastLora:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not 0 < rows <= 4 or (x.dim() >= 3 and x.shape[-2] != 1) or x.dtype != torch.float32:
             return None
-        base = layer.base_layer
-        w = getattr(base, "weight", None)
-        if w is None or w.device.type != "cpu" or not w.is_contiguous():
+        spec = self._lora_spec(layer, plan)
+        if spec is None:
             return None
-        if w.dtype == torch.float32 and type(base) is torch.nn.Linear:
-            scale = None
-        elif w.dtype == torch.int8 and getattr(base, "scales", None) is not None:  # quantize.Int8Linear
-            scale = base.scales
-        else:
+        y = self.kernels.apply(x.reshape(rows, x.shape[-1]), spec)
+        return y.reshape(*x.shape[:-1], spec.weight.shape[0])
+
+    def _lora_spec(self, layer: Any, plan: Any) -> Any:
+        from experts.backends.cpu_kernels import linear_spec
+
+        base = linear_spec(layer.base_layer)
+        if base is None:
             return None
         a, b = (plan[1].a_t, plan[1].b_t) if plan[0] == "single" else (plan[1], plan[2])
-        if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[-1] > 64:
+        return base.with_lora(a, b)
+
+    def current_call(self) -> _Call | None:
+        """The state of the call running in this thread (None outside an ``adapter_names`` call)."""
+        return getattr(self._tls, "call", None)
+
+    def kernel_spec(self, layer: Any, rows: int) -> Any:
+        """What this layer computes for the current call's ``rows`` rows as a ``cpu_kernels.ProductSpec``
+        (merged weight, base, or base + LoRA), or None when only its own forward can do it."""
+        from experts.backends.cpu_kernels import ProductSpec, linear_spec
+
+        call = getattr(self._tls, "call", None)
+        if call is None or len(call.rows) != rows or layer._forward_hooks or layer._forward_pre_hooks:
             return None
-        y = self.kernels.gemv_lora(x.reshape(rows, x.shape[-1]), w, scale, a, b)
-        if base.bias is not None:
-            y = y + base.bias
-        return y.reshape(*x.shape[:-1], w.shape[0])
+        plan = self._plan(layer, call)
+        kind = plan[0]
+        if kind == "merged":
+            table = self._merged.get(plan[1])
+            entry = table.get(id(layer)) if table is not None else None
+            if entry is not None:
+                return ProductSpec(entry[0], None, entry[1]) if linear_spec(layer.base_layer) is not None else None
+            plan, kind = ("single", plan[2]), "single"
+        if kind == "base":
+            return linear_spec(layer.base_layer)
+        if kind in ("single", "mixed"):
+            return self._lora_spec(layer, plan)
+        return None
 
     # -- merged single-expert weights ----------------------------------------------------------------
     def _merged_weight(self, layer: Any, name: str) -> tuple[torch.Tensor, Any] | None:

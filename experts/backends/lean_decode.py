@@ -75,7 +75,7 @@ def unsupported_reason(model: Any) -> str | None:
 class LeanDecoder:
     """The lean decode step of one causal LM; installed by wrapping its ``forward``."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, kernels: Any = None) -> None:
         from transformers import DynamicCache
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -84,6 +84,11 @@ class LeanDecoder:
         except ImportError:  # transformers < 4.56 keeps key/value lists instead of layers
             DynamicLayer = None
         self.model = model
+        self.kernel_step = None  # the whole step in C (kernel_step.py) when the CPU kernels are loaded
+        if kernels is not None and getattr(model.config, "intermediate_size", None):
+            from experts.backends.kernel_step import KernelStep
+
+            self.kernel_step = KernelStep(model, kernels)
         self.enabled = True
         self.steps = 0  # decode steps run here (the rest went to transformers)
         cfg = model.config
@@ -155,6 +160,10 @@ class LeanDecoder:
         if position_ids is None:  # what transformers does without position ids: the cache length
             position_ids = torch.full((1, 1), past, dtype=torch.long, device=x.device)
         cos, sin = inner.rotary_emb(x, position_ids)
+        if self.kernel_step is not None:
+            h = self.kernel_step.step(x, cos, sin, attention_mask, cache, past)
+            if h is not None:
+                return self._finish(h, cache)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (b or 1, 1, 1, head_dim)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -179,7 +188,12 @@ class LeanDecoder:
             ln = layer.post_attention_layernorm
             h = F.rms_norm(x, (x.shape[-1],), ln.weight, ln.variance_epsilon)
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        norm = inner.norm
+        return self._finish(x, cache)
+
+    def _finish(self, x: torch.Tensor, cache: Any) -> Any:
+        import torch.nn.functional as F
+
+        norm = self.model.model.norm
         x = F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
         logits = self.model.lm_head(x)
         self.steps += 1
@@ -193,13 +207,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def install_lean_decode(model: Any) -> LeanDecoder | None:
-    """Install the lean decode step on ``model`` (a causal LM); None (and nothing changed) when unsupported."""
+def install_lean_decode(model: Any, kernels: Any = None) -> LeanDecoder | None:
+    """Install the lean decode step on ``model`` (a causal LM); None (and nothing changed) when unsupported.
+
+    ``kernels`` (:class:`cpu_kernels.Kernels`): run the whole step in C when its products allow."""
     if unsupported_reason(model) is not None:
         return None
     existing = getattr(model, "_expertmix_lean", None)
     if existing is not None:
         return existing  # type: ignore[no-any-return]
-    lean = LeanDecoder(model)
+    lean = LeanDecoder(model, kernels)
     lean.install()
     return lean
