@@ -68,9 +68,9 @@ class StepTimer:
 
 @contextlib.contextmanager
 def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = True, lean: bool = True,
-          kernel: bool = True) -> Iterator[None]:
+          kernel: bool = True, c_step: bool = True) -> Iterator[None]:
     """Switch the fast paths for one measurement: lora "fast"/"peft", merged weights, GEMM path (``gemm``;
-    ``kernel``: expertmix's small-row kernel within it), lean step."""
+    ``kernel``: expertmix's small-row kernel within it), lean step (``c_step``: the whole step in C)."""
     from torch import nn
 
     from experts.backends.cpu_tuning import plan_kernels
@@ -83,9 +83,10 @@ def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = T
     fl = local.fast_lora
     keep = (fl.enabled, fl.merged_experts) if fl else None
     ld = getattr(local.base.model, "_expertmix_lean", None)
-    keep_lean = ld.enabled if ld is not None else None
+    keep_lean = (ld.enabled, ld.kernel_step) if ld is not None else None
     if ld is not None:
         ld.enabled = lean
+        ld.kernel_step = ld.kernel_step if c_step else None
     patched = [] if gemm else [m for m in local.base.model.modules() if type(m) is nn.Linear and "forward" in vars(m)]
     saved = [m.forward for m in patched]
     for m in patched:
@@ -100,8 +101,8 @@ def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = T
             m.forward = f
         if fl and keep:
             fl.enabled, fl.merged_experts = keep
-        if ld is not None:
-            ld.enabled = keep_lean
+        if ld is not None and keep_lean is not None:
+            ld.enabled, ld.kernel_step = keep_lean
         if kern is not None:
             kern.enabled = keep_kern
 
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         fns[f"base_k{k}_default"] = measure(["__base__"] * k, gemm=False, lean=False)
     fns["experts_k1_transformers_step"] = measure(experts_k[1], lean=False)  # chosen paths but transformers' step
     fns["experts_k1_mkl"] = measure(experts_k[1], kernel=False)  # chosen paths but MKL's products
+    fns["experts_k1_python_step"] = measure(experts_k[1], c_step=False)  # the lean step in Python, kernel products
     fns["experts_k2_mkl"] = measure(experts_k[2], kernel=False)
     C.log(f"[1/4] decode step: {len(fns)} variants x {reps} rounds, {n_tok} tokens ...")
     _, res = _interleaved_results(fns, reps, warm)
@@ -248,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 "single_expert_transformers_step_ms": step["experts_k1_transformers_step"] * 1e3,
                 "lean_over_transformers_step": C.paired_ratio([s for _, s in res["experts_k1"]],
                                                               [s for _, s in res["experts_k1_transformers_step"]]),
+                "single_expert_python_step_ms": step["experts_k1_python_step"] * 1e3,
+                "c_over_python_step": C.paired_ratio([s for _, s in res["experts_k1"]],
+                                                     [s for _, s in res["experts_k1_python_step"]]),
                 "single_expert_mkl_step_ms": step["experts_k1_mkl"] * 1e3,
                 "kernel_over_mkl_step": C.paired_ratio([s for _, s in res["experts_k1"]],
                                                        [s for _, s in res["experts_k1_mkl"]]),
@@ -367,6 +372,8 @@ def _print(n_tok: int, reps: int, warm: int, kind: str, ks: Any, step: dict, pre
         ["base step (ms) / fraction", f"{roof['base_step_ms']:.1f} / {roof['base_fraction']:.2f}"],
         ["single expert, transformers' step (lean off) (ms)", f"{roof['single_expert_transformers_step_ms']:.1f}"],
         ["lean step / transformers' step", f"{roof['lean_over_transformers_step']:.2f}x"],
+        ["single expert, lean step in Python (not C) (ms)", f"{roof['single_expert_python_step_ms']:.1f}"],
+        ["C step / Python lean step", f"{roof['c_over_python_step']:.2f}x"],
         ["single expert with MKL's products instead of the kernel (ms)", f"{roof['single_expert_mkl_step_ms']:.1f}"],
         ["kernel step / MKL step (single expert)", f"{roof['kernel_over_mkl_step']:.2f}x"],
         ["experts k=2 / k=1 with MKL's products", f"{roof['experts_k2_over_k1_mkl']:.2f}x"],

@@ -21,6 +21,7 @@ extended by a prefill) is noticed and copied into a fresh buffer.
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class KernelStep:
         self.inter = cfg.intermediate_size
         self.steps = 0
         self._plan: _Plan | None = None
-        self._kv = _KV()
+        self._busy = threading.Lock()  # a second thread in a step at the same time takes the Python step
 
     # -- which products ----------------------------------------------------------------------------
     def _spec(self, mod: Any, rows: int) -> Any:
@@ -201,12 +202,28 @@ class KernelStep:
         layers = cache.layers
         if any(lay.keys.dtype != torch.float32 for lay in layers[:1]):
             return None
+        if not self._busy.acquire(blocking=False):
+            return None
+        try:
+            return self._step(x, cos, sin, attention_mask, cache, past)
+        finally:
+            self._busy.release()
+
+    def _step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.Tensor | None,
+              cache: Any, past: int) -> torch.Tensor | None:
+        import torch
+
+        b = x.shape[0]
         plan = self._plan_for(b)
         if plan is None:
             return None
-        if not self._kv.ours(layers, past):
-            self._kv.adopt(layers, past)
-        kv = self._kv
+        layers = cache.layers
+        kv = getattr(cache, "_expertmix_kv", None)  # per cache: interleaved generations keep their buffers
+        if kv is None:
+            kv = _KV()
+            cache._expertmix_kv = kv
+        if not kv.ours(layers, past):
+            kv.adopt(layers, past)
         for i in range(len(layers)):
             plan.layers[i].kc = kv.k[i].data_ptr()
             plan.layers[i].vc = kv.v[i].data_ptr()

@@ -65,15 +65,16 @@ def test_int8_product_equals_the_dequantized_product() -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_fused_lora_equals_base_plus_each_rows_adapter(int8: bool) -> None:
+@pytest.mark.parametrize(("int8", "rank"), [(False, 8), (True, 8), (False, 16), (False, 5), (False, 40)],
+                         ids=["float32", "int8", "rank16", "rank5", "rank40"])
+def test_fused_lora_equals_base_plus_each_rows_adapter(int8: bool, rank: int) -> None:
     import torch
     import torch.nn.functional as F
 
     k = cpu_kernels.load()
     assert k is not None
     g = torch.Generator().manual_seed(5)
-    n_out, n_in, rank = 150, 96, 8
+    n_out, n_in = 150, 97  # odd sizes: the vector loops' tails
     if int8:
         w = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
         scale = torch.rand(n_out, generator=g) / 100

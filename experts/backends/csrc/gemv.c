@@ -69,23 +69,81 @@ static inline float hsum(__m256 v) {
         }                                                                                         \
     }
 
+/* h = A[r]^T x[r] (rank values), 8 lanes of the rank at a time; four input positions in flight
+ * so the FMA latency does not serialize short ranks */
+static void lora_h(const float *xr, const float *a, long I, int rank, float *h) {
+    int nv = rank / 8;
+    long i = 0;
+    if (nv <= 2) {
+        __m256 s[4][2];
+        for (int u = 0; u < 4; u++) s[u][0] = s[u][1] = _mm256_setzero_ps();
+        for (; i + 4 <= I; i += 4)
+            for (int u = 0; u < 4; u++) {
+                __m256 xv = _mm256_set1_ps(xr[i + u]);
+                const float *ai = a + (i + u) * rank;
+                s[u][0] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(ai), s[u][0]);
+                if (nv == 2) s[u][1] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(ai + 8), s[u][1]);
+            }
+        for (; i < I; i++) {
+            __m256 xv = _mm256_set1_ps(xr[i]);
+            s[0][0] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + i * rank), s[0][0]);
+            if (nv == 2) s[0][1] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + i * rank + 8), s[0][1]);
+        }
+        for (int v = 0; v < nv; v++)
+            _mm256_storeu_ps(h + 8 * v, _mm256_add_ps(_mm256_add_ps(s[0][v], s[1][v]), _mm256_add_ps(s[2][v], s[3][v])));
+        return;
+    }
+    __m256 s[8];
+    for (int v = 0; v < nv; v++) s[v] = _mm256_setzero_ps();
+    for (; i < I; i++) {
+        __m256 xv = _mm256_set1_ps(xr[i]);
+        for (int v = 0; v < nv; v++) s[v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + i * rank + 8 * v), s[v]);
+    }
+    for (int v = 0; v < nv; v++) _mm256_storeu_ps(h + 8 * v, s[v]);
+}
+
+/* y[o0:o1] += B^T h, 32 outputs at a time (four independent FMA chains over the rank) */
+static void lora_out(const float *h, const float *b, float *yr, long o0, long o1, long O, int rank) {
+    long o = o0;
+    for (; o + 32 <= o1; o += 32) {
+        __m256 c0 = _mm256_loadu_ps(yr + o), c1 = _mm256_loadu_ps(yr + o + 8);
+        __m256 c2 = _mm256_loadu_ps(yr + o + 16), c3 = _mm256_loadu_ps(yr + o + 24);
+        for (int k = 0; k < rank; k++) {
+            __m256 hk = _mm256_set1_ps(h[k]);
+            const float *bk = b + k * O + o;
+            c0 = _mm256_fmadd_ps(hk, _mm256_loadu_ps(bk), c0);
+            c1 = _mm256_fmadd_ps(hk, _mm256_loadu_ps(bk + 8), c1);
+            c2 = _mm256_fmadd_ps(hk, _mm256_loadu_ps(bk + 16), c2);
+            c3 = _mm256_fmadd_ps(hk, _mm256_loadu_ps(bk + 24), c3);
+        }
+        _mm256_storeu_ps(yr + o, c0);
+        _mm256_storeu_ps(yr + o + 8, c1);
+        _mm256_storeu_ps(yr + o + 16, c2);
+        _mm256_storeu_ps(yr + o + 24, c3);
+    }
+    for (; o < o1; o++) {
+        float s = yr[o];
+        for (int k = 0; k < rank; k++) s += h[k] * b[k * O + o];
+        yr[o] = s;
+    }
+}
+
 static void lora_rows(const float *x, float *y, const float *A, const float *B, long a_stride,
                       long b_stride, long o0, long o1, long O, long I, int R, int rank) {
     float h[64];
     for (int r = 0; r < R; r++) {
         const float *a = A + r * a_stride, *b = B + r * b_stride, *xr = x + r * I;
-        for (int k = 0; k < rank; k++) h[k] = 0.f;
-        for (long i = 0; i < I; i++) {
-            float xi = xr[i];
-            const float *ai = a + i * rank;
-            for (int k = 0; k < rank; k++) h[k] += xi * ai[k];
+        if (rank % 8 == 0) {
+            lora_h(xr, a, I, rank, h);
+        } else {
+            for (int k = 0; k < rank; k++) h[k] = 0.f;
+            for (long i = 0; i < I; i++) {
+                float xi = xr[i];
+                const float *ai = a + i * rank;
+                for (int k = 0; k < rank; k++) h[k] += xi * ai[k];
+            }
         }
-        float *yr = y + r * O;
-        for (int k = 0; k < rank; k++) {
-            float hk = h[k];
-            const float *bk = b + k * O;
-            for (long o = o0; o < o1; o++) yr[o] += hk * bk[o];
-        }
+        lora_out(h, b, y + r * O, o0, o1, O, rank);
     }
 }
 
