@@ -48,7 +48,8 @@ class FastOptions:
     gemm: "auto" (per-machine probe, cached) | "default" | "wxt" — the small-batch GEMM path (CPU only).
     fast_lora: batched LoRA for mixed-adapter batches instead of peft's per-adapter loop.
     merged_experts: how many single experts keep merged weights (one copy of the projections each).
-    lean_decode: decode steps of Llama-family models skip transformers' per-layer scaffolding (CPU only).
+    lean_decode: decode steps of Llama-family models skip transformers' per-layer scaffolding (CPU only);
+        with the CPU kernels loaded, the whole step runs in C (``backends/kernel_step.py``).
     """
 
     quantize: str = "none"
