@@ -123,6 +123,7 @@ class KernelStep:
         self.inter = cfg.intermediate_size
         self.steps = 0
         self._plan: _Plan | None = None
+        self._fl: Any = None
         self._busy = threading.Lock()  # a second thread in a step at the same time takes the Python step
 
     # -- which products ----------------------------------------------------------------------------
@@ -132,9 +133,21 @@ class KernelStep:
         fl = getattr(mod, "_expertmix_fast_lora", None)  # a LoRA layer patched by fast_lora
         return fl.kernel_spec(mod, rows) if fl is not None else linear_spec(mod)
 
+    def _fast_lora(self) -> Any:
+        """The ``FastLora`` that patched any of the projections (adapters may target only some)."""
+        if self._fl is None:
+            for layer in self.model.model.layers:
+                for part, names in ((layer.self_attn, _PROJ[:4]), (layer.mlp, _PROJ[4:])):
+                    for n in names:
+                        fl = getattr(getattr(part, n, None), "_expertmix_fast_lora", None)
+                        if fl is not None:
+                            self._fl = fl
+                            return fl
+        return self._fl
+
     def _key(self, rows: int) -> tuple[Any, ...]:
         # a LoRA model's products depend on the current call (the rows' adapters), fixed for a generate
-        fl = getattr(self.model.model.layers[0].self_attn.q_proj, "_expertmix_fast_lora", None)
+        fl = self._fast_lora()
         return (rows, fl.current_call() if fl is not None else None)
 
     def _build(self, key: tuple[Any, ...], rows: int) -> _Plan | None:

@@ -179,3 +179,43 @@ def test_adapters_run_in_c_with_the_same_answers(local_backend: Any) -> None:
         if fl:
             fl.merged_experts = keep
     assert answers[True] == answers[False]
+
+
+def test_adapters_on_some_projections_only() -> None:
+    """LoRA on the MLP only: the step's plan must still follow the rows' adapters (a plan keyed on a
+    projection without LoRA would reuse one adapter's products for the next)."""
+    from peft import LoraConfig, get_peft_model
+
+    from experts.backends.fast_lora import install_fast_lora
+    from experts.backends.lean_decode import install_lean_decode
+
+    model = _tiny("llama")
+    ld = install_lean_decode(model, cpu_kernels.load())
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    peft = get_peft_model(model, cfg, adapter_name="a")
+    peft.add_adapter("b", cfg)
+    peft.eval()
+    assert install_fast_lora(peft, kernels=cpu_kernels.load()) is not None
+    ids, mask = _padded(2)
+
+    def gen(names: list[str]) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return peft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                                 adapter_names=names)
+
+    batches = (["a", "a"], ["b", "b"], ["a", "b"])
+    before = ld.kernel_step.steps
+    ours = [gen(n) for n in batches]
+    assert ld.kernel_step.steps - before == 15
+    ld.enabled = False
+    try:
+        theirs = [gen(n) for n in batches]
+    finally:
+        ld.enabled = True
+    for a, b in zip(ours, theirs):
+        _assert_same(a, b)
+    assert not all(float((x - y).abs().max()) < 1e-3 for x, y in zip(ours[0].scores, ours[1].scores)), \
+        "the two adapters should give different logits, or this test shows nothing"
