@@ -265,7 +265,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.int8 and not args.smoke:
         int8 = _int8_section(local, timer, specs, msgs, cfg, reps, warm, bw, n_val=3 if args.quick else 8)
 
+    llama = None if args.smoke else _llama_cpp_section(local, timer, msgs, cfg, reps, warm)
+
     _print(n_tok, reps, warm, kind, ks, step, prefill, per_path, mixed, roofline, int8, local, info)
+    if llama:
+        print()
+        print(C.table(["llama.cpp side by side (same prompt, greedy, EOS suppressed)", "value"], [
+            ["llama.cpp decode step (ms), Q4_1 GGUF of the base", f"{llama['llama_cpp_step_ms']:.1f}"],
+            ["ours: single expert (merged) decode step (ms), float32", f"{llama['ours_step_ms']:.1f}"],
+            ["our decode tokens/s / llama.cpp's", f"{llama['ours_over_llama_cpp_tps']:.2f}x"],
+        ]))
+    elif not args.smoke:
+        print("llama.cpp side by side: skipped (llama-cpp-python not installed, or the base is not the default GGUF)")
     result = {
         "decode_step_ratio": decode_ratio,
         "mixed_over_single_adapter": mixed["chosen"],
@@ -276,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_step_ms": {n: round(v * 1e3, 2) for n, v in step.items()},
         "prefill_ms": {n: round(v * 1e3, 2) for n, v in prefill.items()},
         "mixed": mixed, "roofline": roofline, "int8": int8,
-        "llama_cpp": None,  # optional extra, not built (llama-cpp-python is not installed here)
+        "llama_cpp": llama,  # optional extra: None when llama-cpp-python is not installed
         "paths": _paths(local),
         "settings": {"quick": args.quick, "smoke": args.smoke, "reps": reps, "warmup_rounds": warm,
                      "max_new_tokens": n_tok, "eos": "suppressed", "decoding": "greedy", "prompt": PROMPT,
@@ -299,6 +310,54 @@ def _interleaved_results(fns: dict[str, Any], reps: int, warm: int) -> tuple[Any
         for n in names if r % 2 == 0 else names[::-1]:
             res[n].append(fns[n]())
     return None, res
+
+
+def _llama_cpp_section(local: Any, timer: StepTimer, msgs: Any, cfg: Any, reps: int, warm: int) -> dict[str, Any] | None:
+    """Decode step of llama.cpp on the GGUF the default base comes from vs ours, interleaved; None
+    when ``llama_cpp`` is not importable or the base is not the default."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import torch
+
+    from experts.models import DEFAULT_BASE, _default_gguf
+
+    if local.base.name != DEFAULT_BASE:
+        return None
+    C.log("[+] llama.cpp side by side ...")
+    llm = llama_cpp.Llama(model_path=str(_default_gguf()), n_ctx=512, n_threads=torch.get_num_threads(),
+                          n_batch=512, verbose=False)
+    prompt = local.encode_prompt(msgs)
+    n = cfg.max_new_tokens
+    no_eos = {llm.token_eos(): -1e9}
+
+    def llama_step() -> float:
+        def run(k: int) -> float:
+            llm.reset()
+            t = time.perf_counter()
+            out = llm.create_completion(prompt, max_tokens=k, temperature=0.0, top_k=1, logit_bias=no_eos)
+            assert out["usage"]["completion_tokens"] == k, out["usage"]
+            return time.perf_counter() - t
+        return (run(n + 1) - run(1)) / n  # per decode step: the prefill and first token cancel
+
+    expert = C.DOMAINS[0]
+    steps: dict[str, list[float]] = {"llama_cpp": [], "ours": []}
+    timer.split() if timer.calls else None
+    for r in range(warm + reps):
+        for name in ("ours", "llama_cpp") if r % 2 == 0 else ("llama_cpp", "ours"):
+            if name == "ours":
+                local.generate([(expert, msgs)], cfg)
+                s = timer.split()[1]
+            else:
+                s = llama_step()
+            if r >= warm:
+                steps[name].append(s)
+    return {
+        "version": getattr(llama_cpp, "__version__", None), "gguf": _default_gguf().name,
+        "llama_cpp_step_ms": C.med(steps["llama_cpp"]) * 1e3, "ours_step_ms": C.med(steps["ours"]) * 1e3,
+        "ours_over_llama_cpp_tps": C.paired_ratio(steps["llama_cpp"], steps["ours"]),
+    }
 
 
 def _int8_section(local: Any, timer: StepTimer, specs: list[Any], msgs: Any, cfg: Any, reps: int, warm: int,

@@ -193,10 +193,10 @@ class KernelStep:
     def _plan_for(self, rows: int) -> _Plan | None:
         key = self._key(rows)
         plan = self._plan
-        if plan is not None and plan.key[0] == key[0] and plan.key[1] is key[1]:
-            if all(base.weight is w and not mod._forward_hooks and not mod._forward_pre_hooks
-                   for mod, base, w in plan.owners):
-                return plan
+        if (plan is not None and plan.key[0] == key[0] and plan.key[1] is key[1]
+                and all(base.weight is w and not mod._forward_hooks and not mod._forward_pre_hooks
+                        for mod, base, w in plan.owners)):
+            return plan
         # (re)built when the rows, their adapters, a weight or a hook changed; an unplannable model
         # (e.g. hooks) tries again each step, usually failing at its first projection
         self._plan = plan = self._build(key, rows)

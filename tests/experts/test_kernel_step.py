@@ -24,8 +24,9 @@ def _tiny(kind: str) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
-                  num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa")
+    common: dict[str, Any] = {"vocab_size": 97, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                              "attn_implementation": "sdpa"}
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
