@@ -31,11 +31,11 @@ def _processor(weights: torch.Tensor, config: GenerationConfig, generator: torch
     import torch
 
     def mix(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float(), dim=-1)  # (n_adapters, vocab)
-        mixed = torch.logsumexp(logp + torch.log(weights)[:, None], dim=0)  # log Σ wᵢ pᵢ
-        if config.greedy:
-            token = int(torch.argmax(mixed))
+        if config.greedy:  # argmax of Σ wᵢ pᵢ: one softmax pass (the log-space form cost ~2 ms a step)
+            token = int(torch.argmax(weights @ torch.softmax(scores.float(), dim=-1)))
         else:
+            logp = torch.log_softmax(scores.float(), dim=-1)  # (n_adapters, vocab)
+            mixed = torch.logsumexp(logp + torch.log(weights)[:, None], dim=0)  # log Σ wᵢ pᵢ
             probs = torch.softmax(mixed / config.temperature, dim=-1)
             if config.top_p < 1:
                 sorted_p, idx = torch.sort(probs, descending=True)

@@ -108,6 +108,22 @@ def test_mixture_with_weight_one_zero_equals_single_expert(om) -> None:
     assert both.tokens > 0
 
 
+def test_greedy_mixture_picks_the_argmax_of_the_weighted_probabilities() -> None:
+    import torch
+
+    from experts.backends.mixture import _processor
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.tensor([0.7, 0.3])
+    mix = _processor(w, GenerationConfig(max_new_tokens=1), None)
+    for _ in range(20):
+        scores = torch.randn(2, 500, generator=g) * 4
+        want = int(torch.argmax(torch.logsumexp(torch.log_softmax(scores, -1) + torch.log(w)[:, None], dim=0)))
+        out = mix(torch.zeros((2, 1), dtype=torch.long), scores)
+        assert out.shape == scores.shape and bool((out[:, want] == 0).all())
+        assert int(torch.isinf(out).sum()) == 2 * 499  # one token for every row: the rows stay in lockstep
+
+
 def test_adapter_merge_of_one_expert_equals_that_expert(om) -> None:
     msgs = [{"role": "user", "content": Q_ENG}]
     cfg = GenerationConfig(max_new_tokens=NEW)
