@@ -21,6 +21,7 @@ extended by a prefill) is noticed and copied into a fresh buffer.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["KernelStep"]
+
+logger = logging.getLogger(__name__)
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _SPARE = 128  # positions added when a cache buffer grows
@@ -86,10 +89,15 @@ class _KV:
                 return False
         return True
 
-    def adopt(self, layers: Any, past: int) -> None:
-        """Copy the cache's keys/values into fresh buffers with spare positions."""
+    def adopt(self, layers: Any, past: int, shape: tuple[int, int, int]) -> bool:
+        """Copy the cache's keys/values into fresh buffers with spare positions; False (nothing
+        changed) when a layer's (rows, kv heads, head dim) are not ``shape``."""
         import torch
 
+        for lay in layers:
+            k, v = lay.keys, lay.values
+            if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != shape or k.shape[2] != past or v.shape != k.shape:
+                return False
         cap = past + 1 + _SPARE
         self.k, self.v = [], []
         for lay in layers:
@@ -102,6 +110,7 @@ class _KV:
             self.v.append(vb)
         self.cap = cap
         self.hwm = past
+        return True
 
     def publish(self, layers: Any, length: int) -> None:
         for i, lay in enumerate(layers):
@@ -235,8 +244,9 @@ class KernelStep:
         if kv is None:
             kv = _KV()
             cache._expertmix_kv = kv
-        if not kv.ours(layers, past):
-            kv.adopt(layers, past)
+        hd = self.model.model.layers[0].self_attn.head_dim
+        if not (kv.ours(layers, past) and kv.k[0].shape[0] == b) and not kv.adopt(layers, past, (b, self.kv_heads, hd)):
+            return None
         for i in range(len(layers)):
             plan.layers[i].kc = kv.k[i].data_ptr()
             plan.layers[i].vc = kv.v[i].data_ptr()
@@ -251,8 +261,9 @@ class KernelStep:
                   n_layers=len(layers), cos_rows=cos2.shape[0], cap=kv.cap, T=past, scaling=float(attn.scaling),
                   cos=cos2.data_ptr(), sin=sin2.data_ptr(), mask=_ptr(mask), x=h.data_ptr(), layers=plan.layers)
         rc = self.kernels.decode_step(ctypes.addressof(s))
-        if rc != 0:
-            raise RuntimeError(f"expertmix_decode_step failed ({rc})")
+        if rc != 0:  # refused before touching anything (bad sizes, no memory): the Python step runs
+            logger.warning("decode step in C refused (%d); the Python step runs", rc)
+            return None
         kv.publish(layers, past + 1)
         self.steps += 1
         return h.view(b, 1, -1)

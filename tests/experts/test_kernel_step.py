@@ -220,3 +220,22 @@ def test_adapters_on_some_projections_only() -> None:
         _assert_same(a, b)
     assert not all(float((x - y).abs().max()) < 1e-3 for x, y in zip(ours[0].scores, ours[1].scores)), \
         "the two adapters should give different logits, or this test shows nothing"
+
+
+def test_a_cache_of_other_rows_is_refused_not_read() -> None:
+    import torch
+
+    from experts.backends.lean_decode import install_lean_decode
+
+    model = _tiny("llama")
+    ks = install_lean_decode(model, cpu_kernels.load()).kernel_step
+    ids, mask = _padded(3)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        past = cache.get_seq_length()
+        x = model.model.embed_tokens(torch.tensor([[5], [6]]))  # two rows against a three-row cache
+        cos, sin = model.model.rotary_emb(x, torch.full((1, 1), past))
+        keys = [lay.keys.clone() for lay in cache.layers]
+        assert ks.step(x, cos, sin, None, cache, past) is None
+    assert all(torch.equal(k, lay.keys) for k, lay in zip(keys, cache.layers))
