@@ -63,11 +63,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class _Plan:
     """The C arguments for every layer at one row count and adapter assignment (built once, reused)."""
 
-    def __init__(self, key: tuple[Any, ...], layers: Any, keep: list[Any], owners: list[tuple[Any, Any, Any]]) -> None:
+    def __init__(self, key: tuple[Any, ...], layers: Any, keep: list[Any], owners: list[tuple[Any, ...]]) -> None:
         self.key = key
         self.layers = layers
         self.keep = keep  # the tensors the pointers point into
-        self.owners = owners  # (module, its base Linear, weight): a replaced weight or a new hook invalidates it
+        # (parent, name, module, its base Linear, weight): a module swapped in (e.g. peft wrapping a
+        # projection), a replaced weight or a new hook invalidates the plan
+        self.owners = owners
 
 
 class _KV:
@@ -167,7 +169,7 @@ class KernelStep:
         want_in = (self.hidden, self.hidden, self.hidden, self.heads * hd, self.hidden, self.hidden, self.inter)
         layers = (_Layer * len(inner.layers))()
         keep: list[Any] = []
-        owners: list[tuple[Any, Any]] = []
+        owners: list[tuple[Any, ...]] = []
         for li, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             if attn.head_dim != hd:
@@ -189,7 +191,7 @@ class KernelStep:
                     p.b_stride = spec.b.shape[-2] * spec.b.shape[-1] if per_row else 0
                 keep.append(spec)
                 base = getattr(mod, "base_layer", mod)
-                owners.append((mod, base, base.weight))
+                owners.append((attn if pi < 4 else mlp, _PROJ[pi], mod, base, base.weight))
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             for ln in (ln1, ln2):
                 if ln.weight.dtype != _f32() or not ln.weight.is_contiguous():
@@ -203,8 +205,8 @@ class KernelStep:
         key = self._key(rows)
         plan = self._plan
         if (plan is not None and plan.key[0] == key[0] and plan.key[1] is key[1]
-                and all(base.weight is w and not mod._forward_hooks and not mod._forward_pre_hooks
-                        for mod, base, w in plan.owners)):
+                and all(getattr(parent, name) is mod and base.weight is w and not mod._forward_hooks
+                        and not mod._forward_pre_hooks for parent, name, mod, base, w in plan.owners)):
             return plan
         # (re)built when the rows, their adapters, a weight or a hook changed; an unplannable model
         # (e.g. hooks) tries again each step, usually failing at its first projection

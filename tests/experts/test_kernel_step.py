@@ -239,3 +239,27 @@ def test_a_cache_of_other_rows_is_refused_not_read() -> None:
         keys = [lay.keys.clone() for lay in cache.layers]
         assert ks.step(x, cos, sin, None, cache, past) is None
     assert all(torch.equal(k, lay.keys) for k, lay in zip(keys, cache.layers))
+
+
+def test_modules_swapped_after_a_step_are_noticed() -> None:
+    """peft wrapping the projections after a decode step ran (its own adapter path, no fast_lora):
+    the plan built on the plain Linears must not be reused, or the LoRA would be skipped."""
+    from peft import LoraConfig, get_peft_model
+
+    from experts.backends.lean_decode import install_lean_decode
+
+    model = _tiny("llama")
+    ld = install_lean_decode(model, cpu_kernels.load())
+    ids, mask = _padded(2)
+    _generate(model, ids, mask, 3)  # a plan for two rows on the plain model
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft = get_peft_model(model, cfg).eval()
+    steps = ld.kernel_step.steps
+    ours = _generate(peft, ids, mask, 6)
+    assert ld.kernel_step.steps == steps, "peft's own LoRA layers are not the kernels': the Python step runs"
+    ld.enabled = False
+    try:
+        theirs = _generate(peft, ids, mask, 6)
+    finally:
+        ld.enabled = True
+    _assert_same(ours, theirs)
