@@ -162,6 +162,8 @@ class KernelStep:
         return (rows, fl.current_call() if fl is not None else None)
 
     def _build(self, key: tuple[Any, ...], rows: int) -> _Plan | None:
+        import torch
+
         inner = self.model.model
         hd = inner.layers[0].self_attn.head_dim
         want_out = (self.heads * hd, self.kv_heads * hd, self.kv_heads * hd, self.hidden, self.inter, self.inter,
@@ -194,7 +196,7 @@ class KernelStep:
                 owners.append((attn if pi < 4 else mlp, _PROJ[pi], mod, base, base.weight))
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             for ln in (ln1, ln2):
-                if ln.weight.dtype != _f32() or not ln.weight.is_contiguous():
+                if ln.weight.dtype != torch.float32 or not ln.weight.is_contiguous():
                     return None
                 keep.append(ln.weight)
             layers[li].ln1, layers[li].ln2 = ln1.weight.data_ptr(), ln2.weight.data_ptr()
@@ -224,7 +226,7 @@ class KernelStep:
         if not 0 < b <= 4 or x.dtype != torch.float32 or not self.kernels.enabled:
             return None
         layers = cache.layers
-        if any(lay.keys.dtype != torch.float32 for lay in layers[:1]):
+        if not layers or layers[0].keys.dtype != torch.float32:
             return None
         if not self._busy.acquire(blocking=False):
             return None
@@ -269,9 +271,3 @@ class KernelStep:
         kv.publish(layers, past + 1)
         self.steps += 1
         return h.view(b, 1, -1)
-
-
-def _f32() -> Any:
-    import torch
-
-    return torch.float32

@@ -53,6 +53,15 @@ def _generate(model: Any, ids: Any, mask: Any, n: int) -> Any:
                               pad_token_id=0, output_scores=True, return_dict_in_generate=True)
 
 
+def _on_transformers(ld: Any, fn: Any) -> Any:
+    """``fn()`` with the lean step (and so the C step) off: transformers' own forward."""
+    ld.enabled = False
+    try:
+        return fn()
+    finally:
+        ld.enabled = True
+
+
 def _assert_same(a: Any, b: Any) -> None:
     import torch
 
@@ -77,12 +86,7 @@ def test_c_step_matches_transformers(kind: str) -> None:
         before = ld.kernel_step.steps
         ours = _generate(model, ids, mask, 8)
         assert ld.kernel_step.steps - before == 7, "every decode step should run in C"
-        ld.enabled = False
-        try:
-            theirs = _generate(model, ids, mask, 8)
-        finally:
-            ld.enabled = True
-        _assert_same(ours, theirs)
+        _assert_same(ours, _on_transformers(ld, lambda ids=ids, mask=mask: _generate(model, ids, mask, 8)))
 
 
 def test_cache_changed_between_steps_is_noticed() -> None:
@@ -211,11 +215,7 @@ def test_adapters_on_some_projections_only() -> None:
     before = ld.kernel_step.steps
     ours = [gen(n) for n in batches]
     assert ld.kernel_step.steps - before == 15
-    ld.enabled = False
-    try:
-        theirs = [gen(n) for n in batches]
-    finally:
-        ld.enabled = True
+    theirs = _on_transformers(ld, lambda: [gen(n) for n in batches])
     for a, b in zip(ours, theirs):
         _assert_same(a, b)
     assert not all(float((x - y).abs().max()) < 1e-3 for x, y in zip(ours[0].scores, ours[1].scores)), \
@@ -257,9 +257,4 @@ def test_modules_swapped_after_a_step_are_noticed() -> None:
     steps = ld.kernel_step.steps
     ours = _generate(peft, ids, mask, 6)
     assert ld.kernel_step.steps == steps, "peft's own LoRA layers are not the kernels': the Python step runs"
-    ld.enabled = False
-    try:
-        theirs = _generate(peft, ids, mask, 6)
-    finally:
-        ld.enabled = True
-    _assert_same(ours, theirs)
+    _assert_same(ours, _on_transformers(ld, lambda: _generate(peft, ids, mask, 6)))
