@@ -207,6 +207,7 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "loadavg_at_start": load,
@@ -220,12 +221,32 @@ def machine_info() -> dict[str, Any]:
 
 
 def machine_line(info: Mapping[str, Any]) -> str:
-    dev = "CUDA" if info["cuda"] else "no GPU"
+    dev = f"CUDA ({info.get('gpu')})" if info["cuda"] else "no GPU"
     return (
         f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), {dev}; "
         f"OMP_WAIT_POLICY={info['omp_wait_policy']}, GOMP_SPINCOUNT={info.get('gomp_spincount')}; load avg at start {info['loadavg_at_start']}; torch {info['torch']}, transformers "
         f"{info['transformers']}, peft {info['peft']}; commit {info['commit']}"
     )
+
+
+def random_weights_copy(src: str, out: Path, *, seed: int = 0) -> Path:
+    """A model with ``src``'s config and tokenizer and freshly initialised float32 weights.
+
+    For a machine the real weights cannot reach (the GPU check carries only the default base's
+    config and tokenizer files): same shapes, so the shipped adapters fit it; timings hold, answers
+    are noise.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(src).save_pretrained(str(out))
+    gen = Path(src) / "generation_config.json"
+    if gen.is_file():
+        (Path(out) / "generation_config.json").write_text(gen.read_text(encoding="utf-8"), encoding="utf-8")
+    return Path(out)
 
 
 def write_json(path: Path | None, result: Mapping[str, Any]) -> None:

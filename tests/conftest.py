@@ -23,6 +23,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 SHARED_DATA = Path(os.environ.get("EXPERTMIX_SHARED_DATA", REPO.parent / "shared" / "data"))
+# The model-backed fixtures run on another base or device when these are set (the GPU check runs
+# the backend tests on CUDA in float32 this way); unset, the embedded default on "auto".
+TEST_BASE = os.environ.get("EXPERTMIX_TEST_BASE")
+TEST_DEVICE = os.environ.get("EXPERTMIX_TEST_DEVICE", "auto")
+TEST_DTYPE = os.environ.get("EXPERTMIX_TEST_DTYPE", "auto")
 
 
 # Tests that take tens of seconds to minutes (docs pages run every command; benches load models in
@@ -82,7 +87,7 @@ def shared_data() -> Path:
 def base_path() -> str:
     from experts.models import resolve_base
 
-    return resolve_base()[1]
+    return resolve_base(TEST_BASE)[1] if TEST_BASE else resolve_base()[1]
 
 
 @pytest.fixture(scope="session")
@@ -103,5 +108,6 @@ def local_backend(base_path: str, random_adapters: dict[str, Path]):
     from experts.models import load_base
     from experts.registry import ExpertSpec
 
-    base = load_base()
+    base = load_base(TEST_BASE, device=TEST_DEVICE, dtype=TEST_DTYPE) if TEST_BASE else load_base(
+        device=TEST_DEVICE, dtype=TEST_DTYPE)
     return LocalBackend(base, [ExpertSpec(name=n, adapter=p) for n, p in random_adapters.items()])
