@@ -262,10 +262,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- 4. int8 --------------------------------------------------------------------------------------------
     int8: dict[str, Any] | None = None
+    q = qtimer = None
     if args.int8 and not args.smoke:
-        int8 = _int8_section(local, timer, specs, msgs, cfg, reps, warm, bw, n_val=3 if args.quick else 8)
+        from experts.models import FastOptions
 
-    llama = None if args.smoke else _llama_cpp_section(local, timer, msgs, cfg, reps, warm)
+        C.log("[4/4] int8 base: load, tokens/s vs float32, NLL on val samples ...")
+        q = LocalBackend(load_base(options=FastOptions(quantize="int8")), specs)
+        C.force_length(q)
+        qtimer = StepTimer(q.base.model)
+        int8 = _int8_section(local, timer, q, qtimer, msgs, cfg, reps, warm, bw, n_val=3 if args.quick else 8)
+
+    llama = None if args.smoke else _llama_cpp_section(local, timer, msgs, cfg, reps, warm, q=q, qtimer=qtimer)
 
     _print(n_tok, reps, warm, kind, ks, step, prefill, per_path, mixed, roofline, int8, local, info)
     if llama:
@@ -274,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             ["llama.cpp decode step (ms), Q4_1 GGUF of the base", f"{llama['llama_cpp_step_ms']:.1f}"],
             ["ours: single expert (merged) decode step (ms), float32", f"{llama['ours_step_ms']:.1f}"],
             ["our decode tokens/s / llama.cpp's", f"{llama['ours_over_llama_cpp_tps']:.2f}x"],
+            *([["ours: single expert decode step (ms), int8 weights", f"{llama['ours_int8_step_ms']:.1f}"],
+               ["our int8 decode tokens/s / llama.cpp's", f"{llama['ours_int8_over_llama_cpp_tps']:.2f}x"]]
+              if "ours_int8_step_ms" in llama else []),
         ]))
     elif not args.smoke:
         print("llama.cpp side by side: skipped (llama-cpp-python not installed, or the base is not the default GGUF)")
@@ -312,9 +322,11 @@ def _interleaved_results(fns: dict[str, Any], reps: int, warm: int) -> tuple[Any
     return None, res
 
 
-def _llama_cpp_section(local: Any, timer: StepTimer, msgs: Any, cfg: Any, reps: int, warm: int) -> dict[str, Any] | None:
-    """Decode step of llama.cpp on the GGUF the default base comes from vs ours, interleaved; None
-    when ``llama_cpp`` is not importable or the base is not the default."""
+def _llama_cpp_section(local: Any, timer: StepTimer, msgs: Any, cfg: Any, reps: int, warm: int, *,
+                       q: Any = None, qtimer: StepTimer | None = None) -> dict[str, Any] | None:
+    """Decode step of llama.cpp on the GGUF the default base comes from vs ours (float32; and int8
+    weights when ``q`` is given), interleaved; None when ``llama_cpp`` is not importable or the base
+    is not the default."""
     try:
         import llama_cpp
     except ImportError:
@@ -342,33 +354,31 @@ def _llama_cpp_section(local: Any, timer: StepTimer, msgs: Any, cfg: Any, reps: 
         return (run(n + 1) - run(1)) / n  # per decode step: the prefill and first token cancel
 
     expert = C.DOMAINS[0]
-    steps: dict[str, list[float]] = {"llama_cpp": [], "ours": []}
-    timer.split() if timer.calls else None
+    ours = {"ours": (local, timer), **({"ours_int8": (q, qtimer)} if q is not None else {})}
+    steps: dict[str, list[float]] = {"llama_cpp": [], **{n: [] for n in ours}}
+    for _, t in ours.values():
+        t.split() if t.calls else None
+    names = list(steps)
     for r in range(warm + reps):
-        for name in ("ours", "llama_cpp") if r % 2 == 0 else ("llama_cpp", "ours"):
-            if name == "ours":
-                local.generate([(expert, msgs)], cfg)
-                s = timer.split()[1]
+        for name in names if r % 2 == 0 else names[::-1]:
+            if name in ours:
+                backend, t = ours[name]
+                backend.generate([(expert, msgs)], cfg)
+                s = t.split()[1]
             else:
                 s = llama_step()
             if r >= warm:
                 steps[name].append(s)
-    return {
-        "version": getattr(llama_cpp, "__version__", None), "gguf": _default_gguf().name,
-        "llama_cpp_step_ms": C.med(steps["llama_cpp"]) * 1e3, "ours_step_ms": C.med(steps["ours"]) * 1e3,
-        "ours_over_llama_cpp_tps": C.paired_ratio(steps["llama_cpp"], steps["ours"]),
-    }
+    out = {"version": getattr(llama_cpp, "__version__", None), "gguf": _default_gguf().name,
+           "llama_cpp_step_ms": C.med(steps["llama_cpp"]) * 1e3}
+    for name in ours:
+        out[f"{name}_step_ms"] = C.med(steps[name]) * 1e3
+        out[f"{name}_over_llama_cpp_tps"] = C.paired_ratio(steps["llama_cpp"], steps[name])
+    return out
 
 
-def _int8_section(local: Any, timer: StepTimer, specs: list[Any], msgs: Any, cfg: Any, reps: int, warm: int,
+def _int8_section(local: Any, timer: StepTimer, q: Any, qtimer: StepTimer, msgs: Any, cfg: Any, reps: int, warm: int,
                   bw: float, *, n_val: int) -> dict[str, Any]:
-    from experts.backends.local import LocalBackend
-    from experts.models import FastOptions, load_base
-
-    C.log("[4/4] int8 base: load, tokens/s vs float32, NLL on val samples ...")
-    q = LocalBackend(load_base(options=FastOptions(quantize="int8")), specs)
-    C.force_length(q)
-    qtimer = StepTimer(q.base.model)
     expert = C.DOMAINS[0]
     ts: dict[str, list[float]] = {"fp32": [], "int8": []}
     steps: dict[str, list[float]] = {"fp32": [], "int8": []}
