@@ -1,6 +1,6 @@
 """Local backend at the memory roofline: decode step vs k rows, mixed adapters, GEMM path, int8 weights.
 
-    python bench/backend.py [--quick] [--smoke] [--int8] [--out FILE.json]
+    python bench/backend.py [--quick] [--smoke] [--int8] [--int4] [--out FILE.json]
 
 One LocalBackend (shipped finance/engineering/product adapters, else random stand-ins) with
 its default fast paths (docs/performance.md): the probed small-batch GEMM path, batched LoRA
@@ -21,6 +21,8 @@ are medians of per-round ratios. The machine is shared and noisy: compare ratios
    tokens/s vs float32, and per-token NLL of each domain's val responses for the base and every
    expert (``int8_nll_delta`` = the largest relative change). Opt-in (``--int8``): on this AVX2 CPU
    torch's int8 kernel is ~4.5x slower per layer than float32 (docs/performance.md), so it is slow.
+   ``--int4``: the same for the 4-bit base (``quantize = "int4"``: Q4_1-style groups, lm_head int8;
+   ``int4_over_fp32_tps``, ``int4_nll_delta``).
 """
 
 from __future__ import annotations
@@ -145,15 +147,40 @@ def load_val(n: int) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def nll_table(local: Any, val: dict[str, list[tuple[str, str]]], experts: list[str]) -> dict[str, dict[str, float]]:
-    """Per-token NLL of each domain's val responses under each expert (and the base)."""
+def stepwise_nll(local: Any, expert: str, messages: Any, response: str, max_tokens: int = 48) -> tuple[float, int]:
+    """Like ``LocalBackend.score_nll``, but each response token is fed as a decode step (one row, KV
+    cache), so the decode path's numbers are scored (the 4-bit kernel rounds activations to int8
+    there; a whole-sequence forward takes the dequantized prefill path). First ``max_tokens`` tokens."""
+    import torch
+    from transformers import DynamicCache
+
+    prompt = local.encode_prompt(messages)
+    full = local.encode_prompt([*messages, {"role": "assistant", "content": response}], add_generation_prompt=False)
+    target = full[len(prompt):][:max_tokens]
+    kw: dict[str, Any] = {"adapter_names": [expert]} if local._peft else {}
+    nll = 0.0
+    with local._lock, torch.inference_mode():
+        cache = DynamicCache()
+        out = local.model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, **kw)
+        for tok in target:
+            logits = out.logits[0, -1].float()
+            nll += float(torch.logsumexp(logits, 0) - logits[tok])
+            out = local.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True, **kw)
+    return nll, len(target)
+
+
+def nll_table(local: Any, val: dict[str, list[tuple[str, str]]], experts: list[str], *,
+              stepwise: bool = False) -> dict[str, dict[str, float]]:
+    """Per-token NLL of each domain's val responses under each expert (and the base); ``stepwise``:
+    through decode steps (:func:`stepwise_nll`) instead of one forward."""
     res: dict[str, dict[str, float]] = {}
     for e in experts:
         res[e] = {}
         for d, rows in val.items():
             s = n = 0.0
             for q, a in rows:
-                x, k = local.score_nll(e, [{"role": "user", "content": q}], a)
+                msgs = [{"role": "user", "content": q}]
+                x, k = stepwise_nll(local, e, msgs, a) if stepwise else local.score_nll(e, msgs, a)
                 s, n = s + x, n + k
             res[e][d] = s / max(n, 1)
     return res
@@ -164,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if not any("--smoke" in a.option_strings for a in ap._actions):
         ap.add_argument("--smoke", action="store_true", help="seconds: k = 1, 2, 1 round, 4 tokens, no int8")
     ap.add_argument("--int8", action="store_true", help="also measure the int8 weight-only base (slow here)")
+    ap.add_argument("--int4", action="store_true", help="also measure the 4-bit weight base (quantize = \"int4\")")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 3 --quick, else 7)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per row (default 16 --quick, else 32)")
     args = ap.parse_args(argv)
@@ -261,29 +289,31 @@ def main(argv: list[str] | None = None) -> int:
                                                          [s for _, s in res["experts_k1_mkl"]])}
 
     # -- 4. int8 --------------------------------------------------------------------------------------------
-    int8: dict[str, Any] | None = None
-    q = qtimer = None
-    if args.int8 and not args.smoke:
+    quant: dict[str, dict[str, Any]] = {}
+    quantized: dict[str, tuple[Any, StepTimer]] = {}
+    for mode in [m for m in ("int8", "int4") if getattr(args, m) and not args.smoke]:
         from experts.models import FastOptions
 
-        C.log("[4/4] int8 base: load, tokens/s vs float32, NLL on val samples ...")
-        q = LocalBackend(load_base(options=FastOptions(quantize="int8")), specs)
+        C.log(f"[4/4] {mode} base: load, tokens/s vs float32, NLL on val samples ...")
+        q = LocalBackend(load_base(options=FastOptions(quantize=mode)), specs)
         C.force_length(q)
-        qtimer = StepTimer(q.base.model)
-        int8 = _int8_section(local, timer, q, qtimer, msgs, cfg, reps, warm, bw, n_val=3 if args.quick else 8)
+        quantized[mode] = (q, StepTimer(q.base.model))
+        quant[mode] = _quant_section(mode, local, timer, *quantized[mode], msgs, cfg, reps, warm, bw,
+                                     n_val=3 if args.quick else 8)
+    int8, int4 = quant.get("int8"), quant.get("int4")
 
-    llama = None if args.smoke else _llama_cpp_section(local, timer, msgs, cfg, reps, warm, q=q, qtimer=qtimer)
+    llama = None if args.smoke else _llama_cpp_section(local, timer, msgs, cfg, reps, warm, quantized=quantized)
 
-    _print(n_tok, reps, warm, kind, ks, step, prefill, per_path, mixed, roofline, int8, local, info)
+    _print(n_tok, reps, warm, kind, ks, step, prefill, per_path, mixed, roofline, quant, local, info)
     if llama:
         print()
         print(C.table(["llama.cpp side by side (same prompt, greedy, EOS suppressed)", "value"], [
             ["llama.cpp decode step (ms), Q4_1 GGUF of the base", f"{llama['llama_cpp_step_ms']:.1f}"],
             ["ours: single expert (merged) decode step (ms), float32", f"{llama['ours_step_ms']:.1f}"],
             ["our decode tokens/s / llama.cpp's", f"{llama['ours_over_llama_cpp_tps']:.2f}x"],
-            *([["ours: single expert decode step (ms), int8 weights", f"{llama['ours_int8_step_ms']:.1f}"],
-               ["our int8 decode tokens/s / llama.cpp's", f"{llama['ours_int8_over_llama_cpp_tps']:.2f}x"]]
-              if "ours_int8_step_ms" in llama else []),
+            *[row for m in ("int8", "int4") if f"ours_{m}_step_ms" in llama for row in (
+                [f"ours: single expert decode step (ms), {m} weights", f"{llama[f'ours_{m}_step_ms']:.1f}"],
+                [f"our {m} decode tokens/s / llama.cpp's", f"{llama[f'ours_{m}_over_llama_cpp_tps']:.2f}x"])],
         ]))
     elif not args.smoke:
         print("llama.cpp side by side: skipped (llama-cpp-python not installed, or the base is not the default GGUF)")
@@ -293,10 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         "roofline_fraction": roofline["fraction"],
         "int8_over_fp32_tps": int8["int8_over_fp32_tps"] if int8 else None,
         "int8_nll_delta": int8["nll_delta_max"] if int8 else None,
+        "int4_over_fp32_tps": int4["int4_over_fp32_tps"] if int4 else None,
+        "int4_over_fp32_decode_tps": int4["int4_over_fp32_decode_tps"] if int4 else None,
+        "int4_nll_delta": int4["nll_delta_max"] if int4 else None,
         "decode_step_ratio_per_path": per_path,
         "decode_step_ms": {n: round(v * 1e3, 2) for n, v in step.items()},
         "prefill_ms": {n: round(v * 1e3, 2) for n, v in prefill.items()},
-        "mixed": mixed, "roofline": roofline, "int8": int8,
+        "mixed": mixed, "roofline": roofline, "int8": int8, "int4": int4,
         "llama_cpp": llama,  # optional extra: None when llama-cpp-python is not installed
         "paths": _paths(local),
         "settings": {"quick": args.quick, "smoke": args.smoke, "reps": reps, "warmup_rounds": warm,
@@ -323,10 +356,10 @@ def _interleaved_results(fns: dict[str, Any], reps: int, warm: int) -> tuple[Any
 
 
 def _llama_cpp_section(local: Any, timer: StepTimer, msgs: Any, cfg: Any, reps: int, warm: int, *,
-                       q: Any = None, qtimer: StepTimer | None = None) -> dict[str, Any] | None:
-    """Decode step of llama.cpp on the GGUF the default base comes from vs ours (float32; and int8
-    weights when ``q`` is given), interleaved; None when ``llama_cpp`` is not importable or the base
-    is not the default."""
+                       quantized: dict[str, tuple[Any, StepTimer]]) -> dict[str, Any] | None:
+    """Decode step of llama.cpp on the GGUF the default base comes from vs ours (float32, and each
+    quantized base measured), interleaved; None when ``llama_cpp`` is not importable or the base is
+    not the default."""
     try:
         import llama_cpp
     except ImportError:
@@ -354,7 +387,7 @@ def _llama_cpp_section(local: Any, timer: StepTimer, msgs: Any, cfg: Any, reps: 
         return (run(n + 1) - run(1)) / n  # per decode step: the prefill and first token cancel
 
     expert = C.DOMAINS[0]
-    ours = {"ours": (local, timer), **({"ours_int8": (q, qtimer)} if q is not None else {})}
+    ours = {"ours": (local, timer), **{f"ours_{m}": bt for m, bt in quantized.items()}}
     steps: dict[str, list[float]] = {"llama_cpp": [], **{n: [] for n in ours}}
     for _, t in ours.values():
         t.split() if t.calls else None
@@ -377,15 +410,15 @@ def _llama_cpp_section(local: Any, timer: StepTimer, msgs: Any, cfg: Any, reps: 
     return out
 
 
-def _int8_section(local: Any, timer: StepTimer, q: Any, qtimer: StepTimer, msgs: Any, cfg: Any, reps: int, warm: int,
-                  bw: float, *, n_val: int) -> dict[str, Any]:
+def _quant_section(mode: str, local: Any, timer: StepTimer, q: Any, qtimer: StepTimer, msgs: Any, cfg: Any,
+                   reps: int, warm: int, bw: float, *, n_val: int) -> dict[str, Any]:
     expert = C.DOMAINS[0]
-    ts: dict[str, list[float]] = {"fp32": [], "int8": []}
-    steps: dict[str, list[float]] = {"fp32": [], "int8": []}
-    runs, timers = {"fp32": local, "int8": q}, {"fp32": timer, "int8": qtimer}
+    ts: dict[str, list[float]] = {"fp32": [], mode: []}
+    steps: dict[str, list[float]] = {"fp32": [], mode: []}
+    runs, timers = {"fp32": local, mode: q}, {"fp32": timer, mode: qtimer}
     timer.split() if timer.calls else None
     for r in range(warm + reps):
-        for name in ("fp32", "int8") if r % 2 == 0 else ("int8", "fp32"):
+        for name in ("fp32", mode) if r % 2 == 0 else (mode, "fp32"):
             g = runs[name].generate([(expert, msgs)], cfg)[0]
             _, step = timers[name].split()
             if r >= warm:
@@ -393,24 +426,27 @@ def _int8_section(local: Any, timer: StepTimer, q: Any, qtimer: StepTimer, msgs:
                 steps[name].append(step)
     val = load_val(n_val)
     names = ["__base__", *C.DOMAINS]
-    nll32, nll8 = nll_table(local, val, names), nll_table(q, val, names)
+    # int4's decode steps round activations (prefill does not): score it through decode steps, both sides
+    stepwise = mode == "int4"
+    nll32, nll8 = nll_table(local, val, names, stepwise=stepwise), nll_table(q, val, names, stepwise=stepwise)
     delta = {e: {d: (nll8[e][d] - nll32[e][d]) / nll32[e][d] for d in val} for e in names}
     worst = max(abs(v) for row in delta.values() for v in row.values())
     nbytes = weight_bytes(q.base.model)
     return {
         "tokens_per_s": {k: C.med(v) for k, v in ts.items()},
-        "int8_over_fp32_tps": C.paired_ratio(ts["int8"], ts["fp32"]),
+        f"{mode}_over_fp32_tps": C.paired_ratio(ts[mode], ts["fp32"]),
         "decode_step_ms": {k: round(C.med(v) * 1e3, 2) for k, v in steps.items()},
-        "int8_over_fp32_decode_tps": C.paired_ratio(steps["fp32"], steps["int8"]),
+        f"{mode}_over_fp32_decode_tps": C.paired_ratio(steps["fp32"], steps[mode]),
         "weight_bytes": nbytes, "roofline_step_ms": nbytes / (bw * 1e9) * 1e3,
-        "roofline_fraction": nbytes / (bw * 1e9) / C.med(steps["int8"]),
-        "nll_fp32": nll32, "nll_int8": nll8, "nll_rel_delta": delta, "nll_delta_max": worst,
+        "roofline_fraction": nbytes / (bw * 1e9) / C.med(steps[mode]),
+        "nll_fp32": nll32, f"nll_{mode}": nll8, "nll_rel_delta": delta, "nll_delta_max": worst,
         "nll_gate_1pct": worst <= 0.01, "val_rows_per_domain": n_val,
+        "nll_scored": "decode steps, first 48 response tokens" if stepwise else "one forward over prompt + response",
     }
 
 
 def _print(n_tok: int, reps: int, warm: int, kind: str, ks: Any, step: dict, prefill: dict, per_path: dict,
-           mixed: dict, roof: dict, int8: dict | None, local: Any, info: dict) -> None:
+           mixed: dict, roof: dict, quant: dict[str, dict], local: Any, info: dict) -> None:
     print(f"Local backend, {n_tok} new tokens per row (EOS suppressed), greedy; median of {reps} interleaved rounds "
           f"after {warm} warm-up; noisy shared machine: compare ratios; adapters: {kind}; paths: {_paths(local)}")
     print()
@@ -447,18 +483,19 @@ def _print(n_tok: int, reps: int, warm: int, kind: str, ks: Any, step: dict, pre
         ["kernel step / MKL step (single expert)", f"{roof['kernel_over_mkl_step']:.2f}x"],
         ["experts k=2 / k=1 with MKL's products", f"{roof['experts_k2_over_k1_mkl']:.2f}x"],
     ]))
-    if int8:
+    for m, qs in quant.items():
         print()
-        print(C.table(["int8 weight-only base (LoRA float32)", "value"], [
-            ["tokens/s int8 / fp32 (whole generation, prefill included)",
-             (f"{int8['tokens_per_s']['int8']:.1f} / {int8['tokens_per_s']['fp32']:.1f} "
-              f"({int8['int8_over_fp32_tps']:.2f}x)")],
-            ["decode step ms int8 / fp32 (decode tokens/s ratio)",
-             (f"{int8['decode_step_ms']['int8']:.1f} / {int8['decode_step_ms']['fp32']:.1f} "
-              f"({int8['int8_over_fp32_decode_tps']:.2f}x)")],
-            ["int8 roofline fraction (its bytes / copy bandwidth)", f"{int8['roofline_fraction']:.2f}"],
+        what = "int8 weight-only base" if m == "int8" else "4-bit base (Q4_1 groups, lm_head int8)"
+        print(C.table([f"{what} (LoRA float32)", "value"], [
+            [f"tokens/s {m} / fp32 (whole generation, prefill included)",
+             (f"{qs['tokens_per_s'][m]:.1f} / {qs['tokens_per_s']['fp32']:.1f} "
+              f"({qs[f'{m}_over_fp32_tps']:.2f}x)")],
+            [f"decode step ms {m} / fp32 (decode tokens/s ratio)",
+             (f"{qs['decode_step_ms'][m]:.1f} / {qs['decode_step_ms']['fp32']:.1f} "
+              f"({qs[f'{m}_over_fp32_decode_tps']:.2f}x)")],
+            [f"{m} roofline fraction (its bytes / copy bandwidth)", f"{qs['roofline_fraction']:.2f}"],
             ["worst relative per-token NLL change (base + experts x domains)",
-             f"{int8['nll_delta_max'] * 100:.2f}% (gate 1%: {'pass' if int8['nll_gate_1pct'] else 'FAIL'})"],
+             f"{qs['nll_delta_max'] * 100:.2f}% (gate 1%: {'pass' if qs['nll_gate_1pct'] else 'FAIL'})"],
         ]))
     print(C.machine_line(info))
 

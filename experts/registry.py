@@ -132,7 +132,7 @@ _FAST_KEYS = ("quantize", "gemm", "fast_lora", "merged_experts", "lean_decode")
 def _parse_fast(table: Mapping[str, Any], *, path: str) -> dict[str, Any]:
     """The speed knobs of ``[base]``: quantize, gemm, fast_lora, merged_experts, lean_decode."""
     out: dict[str, Any] = {}
-    choices = {"quantize": ("none", "int8", "bf16"), "gemm": ("auto", "default", "wxt", "kernel")}
+    choices = {"quantize": ("none", "int8", "int4", "bf16"), "gemm": ("auto", "default", "wxt", "kernel")}
     for key, allowed in choices.items():
         value = _str(table, key, getattr(BaseSpec, key), path=path, where="base")
         if value not in allowed:

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -57,6 +57,12 @@ class ProductSpec:
     bias: torch.Tensor | None = None
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the product (4-bit weights pack two inputs per byte)."""
+        n_out, cols = self.weight.shape
+        return n_out, cols * 2 if self.weight.dtype == _uint8() else cols
 
     def with_lora(self, a: torch.Tensor, b: torch.Tensor) -> ProductSpec | None:
         """This product plus a LoRA term; None when the kernels cannot take it (dtype, rank, layout)."""
@@ -79,10 +85,14 @@ def linear_spec(module: Any) -> ProductSpec | None:
     if (w is None or w.dim() != 2 or w.device.type != "cpu" or not w.is_contiguous() or module._forward_hooks
             or module._forward_pre_hooks):
         return None
+    scales = getattr(module, "scales", None)
     if type(module) is nn.Linear and w.dtype == torch.float32:
         scale = None
-    elif w.dtype == torch.int8 and isinstance(getattr(module, "scales", None), torch.Tensor):
-        scale = module.scales
+    elif w.dtype == torch.int8 and isinstance(scales, torch.Tensor):
+        scale = scales
+    elif (w.dtype == torch.uint8 and isinstance(scales, torch.Tensor) and scales.dtype == torch.float16
+          and tuple(scales.shape) == (w.shape[0], w.shape[1] // 16, 2) and scales.is_contiguous()):
+        scale = scales  # 4-bit: (out, in/32, 2) halves, scale and min per group of 32 inputs
     else:
         return None
     bias = module.bias
@@ -98,14 +108,12 @@ class Kernels:
         self.path = path
         self.enabled = True  # benches switch it off to compare against torch's products in one process
         sig = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
-        self._f32 = lib.expertmix_gemv_f32
-        self._i8 = lib.expertmix_gemv_i8
-        for fn in (self._f32, self._i8):
+        self._fns = {name: getattr(lib, f"expertmix_gemv_{name}") for name in ("f32", "i8", "q4")}
+        for fn in self._fns.values():
             fn.argtypes, fn.restype = sig, ctypes.c_int
-        self._f32_lora = lib.expertmix_gemv_f32_lora
-        self._i8_lora = lib.expertmix_gemv_i8_lora
+        self._lora_fns = {name: getattr(lib, f"expertmix_gemv_{name}_lora") for name in ("f32", "i8", "q4")}
         lsig = [*sig, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-        for fn in (self._f32_lora, self._i8_lora):
+        for fn in self._lora_fns.values():
             fn.argtypes, fn.restype = lsig, ctypes.c_int
         self.decode_step = lib.expertmix_decode_step  # kernel_step.py builds its arguments
         self.decode_step.argtypes, self.decode_step.restype = [ctypes.c_void_p], ctypes.c_int
@@ -113,14 +121,15 @@ class Kernels:
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T`` (times ``scale`` per output row) for a 2-D float32 ``x`` of 1-4 rows.
 
-        ``weight`` is a contiguous float32 or int8 (then with a float32 ``scale``) CPU tensor."""
+        ``weight`` is a contiguous float32, int8 (then with a float32 ``scale``) or 4-bit CPU tensor
+        (uint8, two inputs a byte, with ``(out, in/32, 2)`` float16 scales and mins)."""
         import torch
 
         rows, n_in = x.shape
         n_out = weight.shape[0]
         x = x.contiguous()
         y = torch.empty((rows, n_out), dtype=torch.float32)
-        fn = self._i8 if weight.dtype == torch.int8 else self._f32
+        fn = self._fns[_kind(weight)]
         fn(weight.data_ptr(), x.data_ptr(), y.data_ptr(), scale.data_ptr() if scale is not None else None,
            n_out, n_in, rows)
         return y
@@ -141,7 +150,7 @@ class Kernels:
         per_row = a.dim() == 3
         x = x.contiguous()
         y = torch.empty((rows, n_out), dtype=torch.float32)
-        fn = self._i8_lora if weight.dtype == torch.int8 else self._f32_lora
+        fn = self._lora_fns[_kind(weight)]
         rc = fn(weight.data_ptr(), x.data_ptr(), y.data_ptr(), scale.data_ptr() if scale is not None else None,
                 n_out, n_in, rows, a.data_ptr(), b.data_ptr(), n_in * rank if per_row else 0,
                 rank * n_out if per_row else 0, rank)
@@ -156,6 +165,24 @@ class Kernels:
         else:
             y = self.gemv(x, spec.weight, spec.scale)
         return y + spec.bias if spec.bias is not None else y
+
+
+def _uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def _kind(weight: torch.Tensor) -> str:
+    """Which entry point takes these weights: ``f32``, ``i8`` or ``q4`` (uint8: packed 4-bit)."""
+    import torch
+
+    return {torch.int8: "i8", torch.uint8: "q4"}.get(weight.dtype, "f32")
+
+
+def weight_type(weight: torch.Tensor) -> int:
+    """The decode step's ``wtype`` code for these weights: 0 float32, 1 int8, 2 4-bit."""
+    return {"f32": 0, "i8": 1, "q4": 2}[_kind(weight)]
 
 
 def _cpu_flags() -> set[str]:
@@ -182,7 +209,7 @@ def unavailable_reason() -> str | None:
         return "EXPERTMIX_CPU_KERNELS=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"{platform.system()} {platform.machine()} (Linux x86-64 only)"
-    missing = {"avx2", "fma"} - _cpu_flags()
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
     if _compiler() is None:

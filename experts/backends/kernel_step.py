@@ -40,7 +40,7 @@ class _Proj(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("a_stride", ctypes.c_long),
                 ("b_stride", ctypes.c_long), ("O", ctypes.c_long), ("I", ctypes.c_long), ("rank", ctypes.c_int),
-                ("int8", ctypes.c_int)]
+                ("wtype", ctypes.c_int)]
 
 
 class _Layer(ctypes.Structure):
@@ -164,6 +164,8 @@ class KernelStep:
     def _build(self, key: tuple[Any, ...], rows: int) -> _Plan | None:
         import torch
 
+        from experts.backends.cpu_kernels import weight_type
+
         inner = self.model.model
         hd = inner.layers[0].self_attn.head_dim
         want_out = (self.heads * hd, self.kv_heads * hd, self.kv_heads * hd, self.hidden, self.inter, self.inter,
@@ -179,11 +181,11 @@ class KernelStep:
             mods = [getattr(attn, n) for n in _PROJ[:4]] + [getattr(mlp, n) for n in _PROJ[4:]]
             for pi, mod in enumerate(mods):
                 spec = self._spec(mod, rows)
-                if spec is None or tuple(spec.weight.shape) != (want_out[pi], want_in[pi]):
+                if spec is None or spec.shape != (want_out[pi], want_in[pi]):
                     return None
                 p = layers[li].p[pi]
                 p.w, p.scale, p.bias = spec.weight.data_ptr(), _ptr(spec.scale), _ptr(spec.bias)
-                p.O, p.I, p.int8 = want_out[pi], want_in[pi], int(spec.weight.dtype.itemsize == 1)
+                p.O, p.I, p.wtype = want_out[pi], want_in[pi], weight_type(spec.weight)
                 if spec.a is not None:
                     per_row = spec.a.dim() == 3
                     if per_row and spec.a.shape[0] != rows:

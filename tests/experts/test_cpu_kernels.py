@@ -1,5 +1,5 @@
 """The small-row CPU kernels: built at first use, same products as torch (float32 within 1e-4,
-int8 equal to the dequantized product), same greedy answers in the model; off cleanly when they
+int8 equal to the dequantized product, 4-bit within its activation rounding), same greedy answers in the model; off cleanly when they
 cannot be built."""
 
 from __future__ import annotations
@@ -62,6 +62,77 @@ def test_int8_product_equals_the_dequantized_product() -> None:
         x = torch.randn(rows, 72, generator=g)
         ref = F.linear(x, q.float() * scale[:, None])
         assert float((k.gemv(x, q, scale) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+
+
+def _q4_values(n_out: int, n_in: int, seed: int) -> Any:
+    """Weights that are 4-bit values already (half scale and min per group of 32, as the default
+    base's Q4_1 projections), each group using the full 0..15 range."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n_out, n_in // 32, 1, generator=g) * 0.02 + 0.001).half().float()
+    m = (-torch.rand(n_out, n_in // 32, 1, generator=g) * 0.1).half().float()
+    q = torch.randint(0, 16, (n_out, n_in // 32, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    return (q * d + m).reshape(n_out, n_in)
+
+
+def _q8_error_bound(x: Any, w: Any) -> Any:
+    """How far the 4-bit kernel may be from ``x @ w.T``: it rounds each group of 32 inputs to int8
+    (step amax/127), so each product term moves by at most |w| * step / 2."""
+    step = x.reshape(x.shape[0], -1, 32).abs().amax(dim=2) / 127  # (rows, groups)
+    wabs = w.abs().reshape(w.shape[0], -1, 32).sum(dim=2)  # (out, groups)
+    return step @ wabs.T / 2 + 1e-5
+
+
+@needs_kernels
+def test_int4_weights_round_trip_and_the_product_is_within_its_rounding() -> None:
+    import torch
+    from torch import nn
+
+    from experts.quantize import Int4Linear
+
+    k = cpu_kernels.load()
+    assert k is not None
+    w = _q4_values(70, 96, seed=5)  # 70 outputs: not a multiple of the 4-row blocks
+    lin = nn.Linear(96, 70)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    q4 = Int4Linear()(lin)
+    q4.kernels = k
+    assert q4.weight.dtype == torch.uint8 and tuple(q4.weight.shape) == (70, 48)
+    assert torch.equal(q4.dequantized(), w), "Q4_1 values must come back exactly"
+    g = torch.Generator().manual_seed(6)
+    for rows in range(1, 5):
+        x = torch.randn(rows, 96, generator=g)
+        exact = x @ w.T + lin.bias
+        got = q4(x)  # decode rows: the kernel
+        assert bool(((got - exact).abs() <= _q8_error_bound(x, w)).all())
+        assert float((got - exact).abs().max()) > 0, "the kernel rounds the activations; equal means it was not used"
+    x = torch.randn(6, 96, generator=g)  # prefill rows: dequantized float32 product
+    torch.testing.assert_close(q4(x), x @ w.T + lin.bias, atol=1e-5, rtol=1e-5)
+    a, b = torch.randn(3, 96, 8, generator=g) * 0.1, torch.randn(3, 8, 70, generator=g) * 0.1
+    x = torch.randn(3, 96, generator=g)
+    fused = k.gemv_lora(x, q4.weight, q4.scales, a, b)
+    alone = k.gemv(x, q4.weight, q4.scales) + torch.bmm(torch.bmm(x[:, None], a), b)[:, 0]
+    torch.testing.assert_close(fused, alone, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_int4_keeps_the_lm_head_and_odd_widths_at_int8() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from experts.quantize import Int4Linear, Int8Linear, quantize_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=80, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    quantize_model(model, "int4")
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int4Linear()) and isinstance(layer.mlp.up_proj, Int4Linear())
+    assert isinstance(layer.mlp.down_proj, Int8Linear()), "80 inputs do not split into groups of 32"
+    assert isinstance(model.lm_head, Int8Linear())
 
 
 @needs_kernels

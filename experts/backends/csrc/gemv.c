@@ -167,6 +167,9 @@ static void lora_rows(const float *x, float *y, const float *A, const float *B, 
     BLOCK(NAME, T, LOAD, 2)                                                                       \
     BLOCK(NAME, T, LOAD, 3)                                                                       \
     BLOCK(NAME, T, LOAD, 4)                                                                       \
+    ENTRY_POINTS(NAME, T)
+
+#define ENTRY_POINTS(NAME, T)                                                                     \
     int NAME(const T *W, const float *x, float *y, const float *sc, long O, long I, int R) {     \
         if (R < 1 || R > 4) return -1;                                                            \
         _Pragma("omp parallel") {                                                                 \
@@ -205,6 +208,83 @@ static void lora_rows(const float *x, float *y, const float *A, const float *B, 
 KERNEL(expertmix_gemv_f32, float, LOAD_F32)
 KERNEL(expertmix_gemv_i8, int8_t, LOAD_I8)
 
+/* 4-bit weights (llama.cpp's Q4_1 layout per group): each output row is I/32 groups of 32 inputs,
+ * 16 bytes per group (byte k: element k in the low nibble, element k + 16 in the high one) and a
+ * half-precision (scale, min) pair per group, w = scale * q + min. 0.625 bytes a weight. `sc`
+ * points at the (O, I/32, 2) halves. The SmolLM2 GGUF the default base comes from is Q4_1, so its
+ * projections quantize back to exactly the values it shipped.
+ *
+ * Converting every nibble to float (as the int8 kernel does its bytes) made this compute-bound at
+ * ~8 GB/s; like llama.cpp's Q4_1 x Q8_1 product, each call instead quantizes its input rows to
+ * int8 per group of 32 (one float scale a group, round to nearest) and takes the group's dot
+ * product in integers (maddubs: unsigned nibbles x signed bytes), one float FMA a group and row.
+ * The min term uses each row's float per-group sums of x. One output row at a time; the rows
+ * PREFETCH_ROWS further on are prefetched a line per four groups. */
+static void q8_groups(const float *x, long I, int8_t *q, float *d, float *sum) {
+    for (long g = 0; g < I / 32; g++) {
+        const float *xg = x + g * 32;
+        __m256 v[4], mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xg + 8 * k);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[k]));
+            sm = _mm256_add_ps(sm, v[k]);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4), dd = amax / 127.f;
+        d[g] = dd;
+        sum[g] = hsum(sm);
+        __m256 inv = _mm256_set1_ps(dd > 0.f ? 1.f / dd : 0.f);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv));
+        __m256i p01 = _mm256_packs_epi32(i0, i1), p23 = _mm256_packs_epi32(i2, i3);
+        __m256i p = _mm256_packs_epi16(p01, p23);
+        /* the packs interleave 128-bit lanes: dwords come out as 0,2,4,6,1,3,5,7 */
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + g * 32), p);
+    }
+}
+
+#define Q4_BLOCK(R)                                                                               \
+    static void expertmix_gemv_q4_r##R(const uint8_t *W, const float *x, float *y,               \
+                                       const float *scv, long o0, long o1, long I, long ldy) {    \
+        const uint16_t *sm = (const uint16_t *)scv;                                               \
+        long G = I / 32, rb = I / 2;                                                              \
+        float xd[R * G], xs[R * G];                                                               \
+        int8_t xq[R * I];                                                                         \
+        for (int r = 0; r < R; r++) q8_groups(x + r * I, I, xq + r * I, xd + r * G, xs + r * G);  \
+        const __m128i nib = _mm_set1_epi8(0x0F);                                                  \
+        const __m256i ones = _mm256_set1_epi16(1);                                                \
+        for (long o = o0; o < o1; o++) {                                                          \
+            const uint8_t *w = W + o * rb;                                                        \
+            const uint16_t *s = sm + o * G * 2;                                                   \
+            __m256 acc[R];                                                                        \
+            float mt[R];                                                                          \
+            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), mt[r] = 0.f;                \
+            for (long g = 0; g < G; g++) {                                                        \
+                if ((g & 3) == 0) _mm_prefetch((const char *)(w + PREFETCH_ROWS * rb + g * 16), _MM_HINT_T0); \
+                __m128i b = _mm_loadu_si128((const __m128i *)(w + g * 16));                      \
+                __m256i qv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), nib), _mm_and_si128(b, nib)); \
+                float d = _cvtsh_ss(s[2 * g]), m = _cvtsh_ss(s[2 * g + 1]);                       \
+                for (int r = 0; r < R; r++) {                                                     \
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * I + g * 32));      \
+                    __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qv, xv), ones);          \
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xd[r * G + g]), acc[r]); \
+                    mt[r] += m * xs[r * G + g];                                                   \
+                }                                                                                 \
+            }                                                                                     \
+            for (int r = 0; r < R; r++) y[r * ldy + o] = hsum(acc[r]) + mt[r];                    \
+        }                                                                                         \
+    }
+
+Q4_BLOCK(1)
+Q4_BLOCK(2)
+Q4_BLOCK(3)
+Q4_BLOCK(4)
+ENTRY_POINTS(expertmix_gemv_q4, uint8_t)
+
 /* ---------------------------------------------------------------------------------------------
  * A whole decode step of a Llama-family decoder (1-4 new tokens, one per row) in one OpenMP
  * region: the per-layer small ops (RMSNorm, rotary embedding, KV-cache append, attention over
@@ -218,13 +298,13 @@ KERNEL(expertmix_gemv_i8, int8_t, LOAD_I8)
 #include <stdlib.h>
 
 typedef struct {
-    const void *w;       /* (O, I) float32, or int8 with scale */
-    const float *scale;  /* per output row (int8) or NULL */
+    const void *w;       /* (O, I) float32, int8 with scale, or 4-bit (O, I/2) bytes */
+    const float *scale;  /* per output row (int8), (O, I/32, 2) halves (4-bit), or NULL */
     const float *bias;   /* (O) or NULL */
     const float *a;      /* LoRA A^T (I, rank) per row at a_stride, or NULL */
     const float *b;      /* LoRA s*B^T (rank, O) per row at b_stride */
     long a_stride, b_stride, O, I;
-    int rank, int8;
+    int rank, wtype;      /* 0 float32, 1 int8, 2 4-bit */
 } em_proj;
 
 typedef struct {
@@ -249,7 +329,15 @@ static void proj_share(const em_proj *p, const float *x, float *y, int R, int t,
     long per = ((O + nt - 1) / nt + 3) & ~3L;
     long o0 = t * per, o1 = o0 + per < O ? o0 + per : O;
     if (o0 >= O) return;
-    if (p->int8) {
+    if (p->wtype == 2) {
+        const uint8_t *w = (const uint8_t *)p->w;
+        switch (R) {
+            case 1: expertmix_gemv_q4_r1(w, x, y, p->scale, o0, o1, I, O); break;
+            case 2: expertmix_gemv_q4_r2(w, x, y, p->scale, o0, o1, I, O); break;
+            case 3: expertmix_gemv_q4_r3(w, x, y, p->scale, o0, o1, I, O); break;
+            default: expertmix_gemv_q4_r4(w, x, y, p->scale, o0, o1, I, O); break;
+        }
+    } else if (p->wtype == 1) {
         const int8_t *w = (const int8_t *)p->w;
         switch (R) {
             case 1: expertmix_gemv_i8_r1(w, x, y, p->scale, o0, o1, I, O); break;
