@@ -251,28 +251,47 @@ static void q8_groups(const float *x, long I, int8_t *q, float *d, float *sum) {
     static void expertmix_gemv_q4_r##R(const uint8_t *W, const float *x, float *y,               \
                                        const float *scv, long o0, long o1, long I, long ldy) {    \
         const uint16_t *sm = (const uint16_t *)scv;                                               \
-        long G = I / 32, rb = I / 2;                                                              \
-        float xd[R * G], xs[R * G];                                                               \
+        long G = I / 32, rb = I / 2, G8 = G & ~7L;                                                \
+        float xd[R * G], xs[R * G], f[R * G + 8];                                                 \
         int8_t xq[R * I];                                                                         \
         for (int r = 0; r < R; r++) q8_groups(x + r * I, I, xq + r * I, xd + r * G, xs + r * G);  \
         const __m128i nib = _mm_set1_epi8(0x0F);                                                  \
         const __m256i ones = _mm256_set1_epi16(1);                                                \
+        const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);                           \
         for (long o = o0; o < o1; o++) {                                                          \
             const uint8_t *w = W + o * rb;                                                        \
             const uint16_t *s = sm + o * G * 2;                                                   \
-            __m256 acc[R];                                                                        \
+            /* per group: f[r][g] = scale * x's step; the min term sum_g min * sum(x) at once */  \
             float mt[R];                                                                          \
-            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), mt[r] = 0.f;                \
-            for (long g = 0; g < G; g++) {                                                        \
+            __m256 mv[R];                                                                         \
+            for (int r = 0; r < R; r++) mv[r] = _mm256_setzero_ps();                              \
+            long g = 0;                                                                           \
+            for (; g < G8; g += 8) {                                                              \
+                __m256 sdm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 2 * g)));      \
+                __m256 sdm2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 2 * g + 8))); \
+                /* (d0 m0 d1 m1 ...) x2 -> d0..d7 and m0..m7 */                                   \
+                __m256 lo = _mm256_permutevar8x32_ps(sdm, even), hi = _mm256_permutevar8x32_ps(sdm2, even); \
+                __m256 d = _mm256_permute2f128_ps(lo, hi, 0x20), m = _mm256_permute2f128_ps(lo, hi, 0x31); \
+                for (int r = 0; r < R; r++) {                                                     \
+                    _mm256_storeu_ps(f + r * G + g, _mm256_mul_ps(d, _mm256_loadu_ps(xd + r * G + g))); \
+                    mv[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(xs + r * G + g), mv[r]);           \
+                }                                                                                 \
+            }                                                                                     \
+            for (int r = 0; r < R; r++) mt[r] = hsum(mv[r]);                                      \
+            for (; g < G; g++) {                                                                  \
+                float d = _cvtsh_ss(s[2 * g]), m = _cvtsh_ss(s[2 * g + 1]);                       \
+                for (int r = 0; r < R; r++) f[r * G + g] = d * xd[r * G + g], mt[r] += m * xs[r * G + g]; \
+            }                                                                                     \
+            __m256 acc[R];                                                                        \
+            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
+            for (g = 0; g < G; g++) {                                                             \
                 if ((g & 3) == 0) _mm_prefetch((const char *)(w + PREFETCH_ROWS * rb + g * 16), _MM_HINT_T0); \
                 __m128i b = _mm_loadu_si128((const __m128i *)(w + g * 16));                      \
                 __m256i qv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), nib), _mm_and_si128(b, nib)); \
-                float d = _cvtsh_ss(s[2 * g]), m = _cvtsh_ss(s[2 * g + 1]);                       \
                 for (int r = 0; r < R; r++) {                                                     \
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * I + g * 32));      \
                     __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qv, xv), ones);          \
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xd[r * G + g]), acc[r]); \
-                    mt[r] += m * xs[r * G + g];                                                   \
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(f + r * G + g), acc[r]); \
                 }                                                                                 \
             }                                                                                     \
             for (int r = 0; r < R; r++) y[r * ldy + o] = hsum(acc[r]) + mt[r];                    \
