@@ -120,6 +120,8 @@ def _int4_linear_cls() -> type:
             return y.to(dt).reshape(*shape[:-1], self.out_features)
 
         def dequantized(self) -> torch.Tensor:
+            if self.kernels is not None:  # ~50x faster than the torch unpack below (prefill calls it per layer)
+                return self.kernels.dequantize_q4(self.weight, self.scales)
             b = self.weight.reshape(self.out_features, -1, GROUP // 2)
             q = torch.cat([b & 0x0F, b >> 4], dim=-1).float()
             s = self.scales.float()

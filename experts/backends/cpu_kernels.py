@@ -115,6 +115,9 @@ class Kernels:
         lsig = [*sig, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
         for fn in self._lora_fns.values():
             fn.argtypes, fn.restype = lsig, ctypes.c_int
+        self._dequant_q4 = lib.expertmix_dequant_q4
+        self._dequant_q4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_long]
+        self._dequant_q4.restype = ctypes.c_int
         self.decode_step = lib.expertmix_decode_step  # kernel_step.py builds its arguments
         self.decode_step.argtypes, self.decode_step.restype = [ctypes.c_void_p], ctypes.c_int
 
@@ -134,6 +137,16 @@ class Kernels:
            n_out, n_in, rows)
         return y
 
+
+    def dequantize_q4(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Float32 ``(out, in)`` copy of 4-bit weights (``quantize.Int4Linear``'s layout)."""
+        import torch
+
+        n_out, n_in = weight.shape[0], weight.shape[1] * 2
+        out = torch.empty((n_out, n_in), dtype=torch.float32)
+        if self._dequant_q4(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), n_out, n_in) != 0:
+            raise ValueError(f"dequantize_q4: {n_in} inputs do not split into groups of 32")
+        return out
 
     def gemv_lora(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor,
                   b: torch.Tensor) -> torch.Tensor:

@@ -99,9 +99,10 @@ def test_int4_weights_round_trip_and_the_product_is_within_its_rounding() -> Non
     with torch.no_grad():
         lin.weight.copy_(w)
     q4 = Int4Linear()(lin)
-    q4.kernels = k
     assert q4.weight.dtype == torch.uint8 and tuple(q4.weight.shape) == (70, 48)
-    assert torch.equal(q4.dequantized(), w), "Q4_1 values must come back exactly"
+    assert torch.equal(q4.dequantized(), w), "Q4_1 values must come back exactly (torch's unpack)"
+    q4.kernels = k
+    assert torch.equal(q4.dequantized(), w), "... and the kernel's"
     g = torch.Generator().manual_seed(6)
     for rows in range(1, 5):
         x = torch.randn(rows, 96, generator=g)
