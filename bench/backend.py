@@ -161,11 +161,11 @@ def stepwise_nll(local: Any, expert: str, messages: Any, response: str, max_toke
     nll = 0.0
     with local._lock, torch.inference_mode():
         cache = DynamicCache()
-        out = local.model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, **kw)
+        out = local.model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True, **kw)
         for tok in target:
             logits = out.logits[0, -1].float()
             nll += float(torch.logsumexp(logits, 0) - logits[tok])
-            out = local.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True, **kw)
+            out = local.model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True, **kw)
     return nll, len(target)
 
 

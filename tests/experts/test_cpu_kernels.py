@@ -77,10 +77,10 @@ def _q4_values(n_out: int, n_in: int, seed: int) -> Any:
     return (q * d + m).reshape(n_out, n_in)
 
 
-def _q8_error_bound(x: Any, w: Any) -> Any:
-    """How far the 4-bit kernel may be from ``x @ w.T``: it rounds each group of 32 inputs to int8
-    (step amax/127), so each product term moves by at most |w| * step / 2."""
-    step = x.reshape(x.shape[0], -1, 32).abs().amax(dim=2) / 127  # (rows, groups)
+def _rounding_bound(x: Any, w: Any) -> Any:
+    """How far the 4-bit kernel may be from ``x @ w.T``: it rounds each group of 32 inputs to int16
+    (step amax/32767), so each product term moves by at most |w| * step / 2 (plus float sums)."""
+    step = x.reshape(x.shape[0], -1, 32).abs().amax(dim=2) / 32767  # (rows, groups)
     wabs = w.abs().reshape(w.shape[0], -1, 32).sum(dim=2)  # (out, groups)
     return step @ wabs.T / 2 + 1e-5
 
@@ -108,7 +108,7 @@ def test_int4_weights_round_trip_and_the_product_is_within_its_rounding() -> Non
         x = torch.randn(rows, 96, generator=g)
         exact = x @ w.T + lin.bias
         got = q4(x)  # decode rows: the kernel
-        assert bool(((got - exact).abs() <= _q8_error_bound(x, w)).all())
+        assert bool(((got - exact).abs() <= _rounding_bound(x, w)).all())
         assert float((got - exact).abs().max()) > 0, "the kernel rounds the activations; equal means it was not used"
     x = torch.randn(6, 96, generator=g)  # prefill rows: dequantized float32 product
     torch.testing.assert_close(q4(x), x @ w.T + lin.bias, atol=1e-5, rtol=1e-5)

@@ -88,7 +88,7 @@ def test_c_step_matches_transformers(kind: str) -> None:
         before = ld.kernel_step.steps
         ours = _generate(model, ids, mask, 8)
         assert ld.kernel_step.steps - before == 7, "every decode step should run in C"
-        # 4-bit: both sides run the same kernel, which rounds its inputs to int8 per group, so a
+        # 4-bit: both sides run the same kernel, which rounds its inputs to int16 per group, so a
         # 1e-6 difference upstream (C vs torch RMSNorm/attention) can move a value by one step
         _assert_same(ours, _on_transformers(ld, lambda ids=ids, mask=mask: _generate(model, ids, mask, 8)),
                      tol=2e-3 if kind.endswith("int4") else 1e-4)
