@@ -48,16 +48,21 @@ PROMPT = (
 
 
 class StepTimer:
-    """Times every ``forward`` of the causal LM under a backend (prefill = first call)."""
+    """Times every ``forward`` of the causal LM under a backend (prefill = first call); ``sync``
+    (e.g. ``torch.cuda.synchronize``) runs before and after each call on an asynchronous device."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, sync: Any = None) -> None:
         self.calls: list[float] = []
         orig = model.forward
 
         @functools.wraps(orig)  # keeps the signature, so generate passes what it passes unwrapped
         def forward(*a: Any, **kw: Any) -> Any:
+            if sync is not None:
+                sync()
             t = time.perf_counter()
             out = orig(*a, **kw)
+            if sync is not None:
+                sync()
             self.calls.append(time.perf_counter() - t)
             return out
 
@@ -109,17 +114,23 @@ def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = T
             kern.enabled = keep_kern
 
 
-def bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
-    """Memory bandwidth from a large copy (read + write), GB/s, median."""
+def bandwidth_gbs(mb: int = 256, reps: int = 5, *, device: str = "cpu", sync: Any = None) -> float:
+    """Memory bandwidth from a large copy on ``device`` (read + write), GB/s, median; ``sync`` waits
+    for an asynchronous device."""
     import torch
 
     n = mb * 1024 * 1024 // 4
-    a, b = torch.ones(n), torch.empty(n)
+    a = torch.ones(n, device=device)
+    b = torch.empty_like(a)
     b.copy_(a)
     ts = []
     for _ in range(reps):
+        if sync is not None:
+            sync()
         t = time.perf_counter()
         b.copy_(a)
+        if sync is not None:
+            sync()
         ts.append(time.perf_counter() - t)
     return 2 * n * 4 / statistics.median(ts) / 1e9
 

@@ -23,8 +23,6 @@ median of the rest), variants interleaved per round, medians and per-round paire
 
 from __future__ import annotations
 
-import functools
-import statistics
 import sys
 import tempfile
 import time
@@ -34,48 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
-from backend import PROMPT, paths, weight_bytes
-
-
-class SyncedStepTimer:
-    """Times every ``forward`` of the causal LM, synchronizing the device around it."""
-
-    def __init__(self, model: Any, sync: Any) -> None:
-        self.calls: list[float] = []
-        orig = model.forward
-
-        @functools.wraps(orig)
-        def forward(*a: Any, **kw: Any) -> Any:
-            sync()
-            t = time.perf_counter()
-            out = orig(*a, **kw)
-            sync()
-            self.calls.append(time.perf_counter() - t)
-            return out
-
-        model.forward = forward
-
-    def split(self) -> tuple[float, float]:
-        calls, self.calls = self.calls, []
-        return calls[0], statistics.median(calls[1:]) if len(calls) > 1 else calls[0]
-
-
-def device_bandwidth_gbs(device: str, sync: Any, mb: int, reps: int = 5) -> float:
-    """Bandwidth of a large copy on ``device`` (read + write), GB/s, median."""
-    import torch
-
-    n = mb * 1024 * 1024 // 4
-    a = torch.ones(n, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    sync()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        b.copy_(a)
-        sync()
-        ts.append(time.perf_counter() - t)
-    return 2 * n * 4 / statistics.median(ts) / 1e9
+from backend import PROMPT, StepTimer, _interleaved_results, bandwidth_gbs, paths, weight_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     C.set_threads(args.threads)
     info = C.machine_info()
     C.force_length(local)
-    timer = SyncedStepTimer(local.base.model, sync)
+    timer = StepTimer(local.base.model, sync if device.startswith("cuda") else None)
     cfg = GenerationConfig(max_new_tokens=n_tok)
     msgs = [{"role": "user", "content": PROMPT}]
     experts_k = {k: ([*C.DOMAINS, "__base__"])[:k] for k in ks}
@@ -129,14 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return f
 
     def run(fns: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
-        out: dict[str, list[tuple[float, float]]] = {n: [] for n in fns}
-        for _ in range(warm):
-            for f in fns.values():
-                f()
-        for r in range(reps):
-            for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                out[n].append(fns[n]())
-        return out
+        return _interleaved_results(fns, reps, warm)[1]
 
     # -- 1. decode step vs k ---------------------------------------------------------------------------
     fns = {}
@@ -188,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- 4. roofline ---------------------------------------------------------------------------------------
     C.log("[4/4] bandwidth probe ...")
-    bw = device_bandwidth_gbs(device, sync, 64 if args.smoke else 1024)
+    bw = bandwidth_gbs(64 if args.smoke else 1024, device=device, sync=sync)
     nbytes = weight_bytes(local.base.model)
     roof_ms = nbytes / (bw * 1e9) * 1e3
     roofline = {"bandwidth_gbs": bw, "weight_bytes": nbytes, "roofline_step_ms": roof_ms,

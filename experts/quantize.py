@@ -167,7 +167,7 @@ def quantize_model(model: Any, mode: str, *, device: str = "cpu") -> int:
     if mode == "int4" and kernels is None:
         raise ModelError("quantize = \"int4\" needs expertmix's CPU kernels (an x86-64 CPU with AVX2/FMA/F16C and "
                          f"a C compiler): {cpu_kernels.unavailable_reason()}")
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")

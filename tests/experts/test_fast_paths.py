@@ -176,6 +176,6 @@ def test_base_speed_knobs_parse() -> None:
     spec = parse_base({"quantize": "int8", "gemm": "default", "fast_lora": False, "merged_experts": 0}, path="x.toml")
     assert FastOptions.of(spec) == FastOptions(quantize="int8", gemm="default", fast_lora=False, merged_experts=0)
     assert FastOptions.of(parse_base({}, path="x.toml")) == FastOptions()
-    for bad in ({"quantize": "int4"}, {"gemm": 3}, {"fast_lora": "yes"}, {"merged_experts": -1}):
+    for bad in ({"quantize": "int2"}, {"gemm": 3}, {"fast_lora": "yes"}, {"merged_experts": -1}):
         with pytest.raises(ConfigError):
             parse_base(bad, path="x.toml")
