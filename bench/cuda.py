@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
-from backend import PROMPT, StepTimer, _interleaved_results, bandwidth_gbs, paths, weight_bytes
+from backend import PROMPT, StepTimer, _interleaved_results, _relative, bandwidth_gbs, paths, weight_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "same_answers": same,
         "roofline": roofline,
         "base": {"name": local.base.name, "random_weights": args.random_weights, "dtype": same["dtype"]},
-        "adapters": C.adapter_info(adapters, kind),
+        "adapters": _relative(C.adapter_info(adapters, kind)),
         "settings": {"quick": args.quick, "smoke": args.smoke, "reps": reps, "warmup_rounds": warm,
                      "max_new_tokens": n_tok, "prompt": PROMPT},
         "machine": info,

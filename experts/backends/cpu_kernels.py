@@ -61,8 +61,10 @@ class ProductSpec:
     @property
     def shape(self) -> tuple[int, int]:
         """``(out, in)`` of the product (4-bit weights pack two inputs per byte)."""
+        import torch
+
         n_out, cols = self.weight.shape
-        return n_out, cols * 2 if self.weight.dtype == _uint8() else cols
+        return n_out, cols * 2 if self.weight.dtype == torch.uint8 else cols
 
     def with_lora(self, a: torch.Tensor, b: torch.Tensor) -> ProductSpec | None:
         """This product plus a LoRA term; None when the kernels cannot take it (dtype, rank, layout)."""
@@ -132,11 +134,12 @@ class Kernels:
         n_out = weight.shape[0]
         x = x.contiguous()
         y = torch.empty((rows, n_out), dtype=torch.float32)
-        fn = self._fns[_kind(weight)]
-        fn(weight.data_ptr(), x.data_ptr(), y.data_ptr(), scale.data_ptr() if scale is not None else None,
-           n_out, n_in, rows)
+        kind = _kind(weight)
+        if kind == "q4" and n_in % 32:
+            raise ValueError(f"gemv: 4-bit weights need inputs in groups of 32, got {n_in}")
+        self._fns[kind](weight.data_ptr(), x.data_ptr(), y.data_ptr(),
+                        scale.data_ptr() if scale is not None else None, n_out, n_in, rows)
         return y
-
 
     def dequantize_q4(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Float32 ``(out, in)`` copy of 4-bit weights (``quantize.Int4Linear``'s layout)."""
@@ -178,12 +181,6 @@ class Kernels:
         else:
             y = self.gemv(x, spec.weight, spec.scale)
         return y + spec.bias if spec.bias is not None else y
-
-
-def _uint8() -> Any:
-    import torch
-
-    return torch.uint8
 
 
 def _kind(weight: torch.Tensor) -> str:
