@@ -231,3 +231,15 @@ def test_gemm_kernel_setting_uses_the_kernel_when_it_loads(monkeypatch: pytest.M
     monkeypatch.setenv("EXPERTMIX_CPU_KERNELS", "0")
     off = choose_gemm("kernel", device="cpu")  # falls back to MKL's transposed product, with a warning
     assert off.path == "wxt" and not off.kernel
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_bases_are_refused_off_cpu(mode: str) -> None:
+    """int8/int4 are CPU paths: asked for on CUDA, a clear error naming the setting and what to use."""
+    from torch import nn
+
+    from expertmix.errors import ModelError
+    from experts.quantize import quantize_model
+
+    with pytest.raises(ModelError, match=f'quantize = "{mode}" is a CPU path.*bfloat16'):
+        quantize_model(nn.Sequential(nn.Linear(64, 64)), mode, device="cuda")
