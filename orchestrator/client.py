@@ -25,7 +25,8 @@ __all__ = ["Server", "answer_dict", "find_server", "port_file", "remove_port_fil
 
 ENV_SERVER = "EXPERTMIX_SERVER"
 ENV_API_KEY = "EXPERTMIX_API_KEY"
-_PROBE_S = 0.5
+_PROBE_S = 0.5  # a discovered server (port file) that does not answer this fast is skipped: run in-process
+_NAMED_PROBE_S = 5.0  # a server the user named must answer; a busy one (a generation holding its CPU) gets longer
 
 
 def port_file() -> Path:
@@ -89,11 +90,11 @@ class Server:
         conn.request(method, u.path.rstrip("/") + path, body=data, headers=headers)
         return conn.getresponse()
 
-    def healthy(self) -> bool:
+    def healthy(self, timeout: float = _PROBE_S) -> bool:
         import http.client
 
         try:
-            r = self._request("GET", "/health", None, _PROBE_S)
+            r = self._request("GET", "/health", None, timeout)
             r.read()
             return bool(r.status == 200)
         except (OSError, http.client.HTTPException, ValueError):
@@ -189,7 +190,7 @@ def find_server(*, server: str | None, config: str | Path | None, local: bool = 
     if named:
         url = named.rstrip("/").removesuffix("/v1")
         s = Server(url, key)
-        if not s.healthy():
+        if not s.healthy(_NAMED_PROBE_S):
             raise ConfigError(
                 f"no expertmix server answers at {url}/health; start one with `expertmix serve`, "
                 f"or drop --server / unset {ENV_SERVER} to run in-process"
