@@ -22,10 +22,18 @@ round, and reports medians; ratios are medians of per-round ratios.
 4. **adapter_merge** (k=2): merge time of a new weight vector (``local.merged.get``, each
    round a weight vector not seen before), and one call = ``merged.get`` + generation, at new
    weights (first call) and at cached weights, vs the top expert alone.
+5. **prefix cache** (``[base] prefix_cache_mb``): the experts stage at k = 1 and 2 with the
+   prompt-prefix cache on vs off (a new question each call), and k = 1 asking the same question
+   again (everything but its last block reused).
+
+Every call asks a question never asked before ("Ticket NNNN: " + the question): the prompt-prefix
+cache then reuses the chat template's start, as for any new question, and never a whole repeated
+prompt (section 5 measures that case on its own).
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -64,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     assert local is not None
     C.force_length(local)
     cfg = GenerationConfig(max_new_tokens=n_tok)
-    messages = [{"role": "user", "content": PROMPT}]
+    tickets = itertools.count(1000)  # four digits, one token each: every question has the same length
+
+    def question() -> str:
+        return f"Ticket {next(tickets)}: {PROMPT}"
+
+    def new_messages() -> list[dict[str, str]]:
+        return [{"role": "user", "content": question()}]
+
     # min_weight=0: the bench needs k experts even where the default min_weight would drop the weak ones
     routing = orch.route(PROMPT, k=3, min_weight=0.0)
     order = [e.name for e in routing.experts]
@@ -79,16 +94,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- 1. experts stage ------------------------------------------------------------------------
     def pool_batched(k: int):
-        return lambda: orch.pool.run([(e, messages) for e in order[:k]], cfg)
+        def f():
+            messages = new_messages()
+            return orch.pool.run([(e, messages) for e in order[:k]], cfg)
+        return f
 
     def pool_sequential(k: int):
-        return lambda: [orch.pool.run([(e, messages)], cfg)[0] for e in order[:k]]
+        def f():
+            messages = new_messages()
+            return [orch.pool.run([(e, messages)], cfg)[0] for e in order[:k]]
+        return f
 
     fns = {}
     for k in (1, 2, 3):
         fns[f"batched_k{k}"] = pool_batched(k)
         fns[f"sequential_k{k}"] = pool_sequential(k)
-    C.log(f"[1/4] experts stage: 6 variants x {reps} rounds ...")
+    C.log(f"[1/5] experts stage: 6 variants x {reps} rounds ...")
     times, last = C.interleaved(fns, reps=reps, warmup=warm)
     for name, outs in last.items():
         bad = [o.error for o in outs if not o.ok]
@@ -120,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         def f():
             one_by_one[0] = seq
             try:
-                return orch.ask(PROMPT, k=k, strategy="synthesis", max_new_tokens=n_tok, min_weight=0.0)
+                return orch.ask(question(), k=k, strategy="synthesis", max_new_tokens=n_tok, min_weight=0.0)
             finally:
                 one_by_one[0] = False
         return f
@@ -129,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in (1, 2, 3):
         fns[f"ask_k{k}"] = ask(k, False)
         fns[f"ask_seq_k{k}"] = ask(k, True)
-    C.log(f"[2/4] ask(synthesis): 6 variants x {reps} rounds ...")
+    C.log(f"[2/5] ask(synthesis): 6 variants x {reps} rounds ...")
     ask_times, ask_last = C.interleaved(fns, reps=reps, warmup=warm)
     asks = {}
     for k in (1, 2, 3):
@@ -152,16 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     one_tps: list[float] = []
 
     def single():
-        g = local.generate([(top, messages)], cfg)[0]
+        g = local.generate([(top, new_messages())], cfg)[0]
         one_tps.append(tps(g))
         return g
 
     def mixture():
-        g = mixture_generate(local, messages, routed2, cfg)
+        g = mixture_generate(local, new_messages(), routed2, cfg)
         mix_tps.append(tps(g))
         return g
 
-    C.log(f"[3/4] mixture vs single: 2 variants x {reps} rounds ...")
+    C.log(f"[3/5] mixture vs single: 2 variants x {reps} rounds ...")
     mtimes, mlast = C.interleaved({"single": single, "mixture": mixture}, reps=reps, warmup=warm)
     mix_tps, one_tps = mix_tps[-reps:], one_tps[-reps:]
     result["mixture"] = {
@@ -182,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         name = local.merged.get(weights)
         dt = time.perf_counter() - t
-        return dt, local.generate([(name, messages)], cfg)[0]
+        return dt, local.generate([(name, new_messages())], cfg)[0]
 
     def first():
         w = next(fresh)
@@ -194,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         return merged_call(routed2)[1]
 
     def single_am():
-        return local.generate([(top, messages)], cfg)[0]
+        return local.generate([(top, new_messages())], cfg)[0]
 
-    C.log(f"[4/4] adapter_merge: 3 variants x {reps} rounds ...")
+    C.log(f"[4/5] adapter_merge: 3 variants x {reps} rounds ...")
     atimes, _ = C.interleaved({"first": first, "cached": cached, "single": single_am}, reps=reps, warmup=warm)
     t = time.perf_counter()
     local.merged.get(routed2)
@@ -210,6 +231,40 @@ def main(argv: list[str] | None = None) -> int:
         "first_over_single": C.paired_ratio(atimes["first"], atimes["single"]),
         "cached_lookup_s": lookup_s,
         "cache": {"hits": local.merged.hits, "misses": local.merged.misses, "max_size": local.merged.max_size},
+    }
+    # -- 5. prefix cache ------------------------------------------------------------------------------
+    pc = local.prefix
+    repeated = new_messages()
+
+    def cached_stage(k: int, on: bool, msgs=None):
+        def f():
+            local.prefix = pc if on else None
+            try:
+                m = msgs if msgs is not None else new_messages()
+                return orch.pool.run([(e, m) for e in order[:k]], cfg)
+            finally:
+                local.prefix = pc
+        return f
+
+    pfns = {"k1_on": cached_stage(1, True), "k1_off": cached_stage(1, False), "k2_on": cached_stage(2, True),
+            "k2_off": cached_stage(2, False), "k1_repeat": cached_stage(1, True, repeated)}
+    C.log(f"[5/5] prefix cache: 5 variants x {reps} rounds ...")
+    ptimes, _ = C.interleaved(pfns, reps=reps, warmup=warm)
+    n_prompt = local.check_prompt(new_messages(), n_tok)
+    result["prefix_cache"] = {
+        "enabled": pc is not None, "prompt_tokens": n_prompt,
+        "block": pc.block if pc is not None else None,
+        "reused_tokens": {  # per row: a new question, the same question again
+            "new_question": pc.cached_tokens(order[0], local.encode_prompt(new_messages())) if pc is not None else 0,
+            "same_question": pc.cached_tokens(order[0], local.encode_prompt(repeated)) if pc is not None else 0,
+        },
+        **{f"{v}_s": C.med(ptimes[v]) for v in pfns},
+        "k1_off_over_on": C.paired_ratio(ptimes["k1_off"], ptimes["k1_on"]),
+        "k2_off_over_on": C.paired_ratio(ptimes["k2_off"], ptimes["k2_on"]),
+        "k1_off_over_repeat": C.paired_ratio(ptimes["k1_off"], ptimes["k1_repeat"]),
+        "k2_over_k1_off": C.paired_ratio(ptimes["k2_off"], ptimes["k1_off"]),
+        "k2_over_k1_on": C.paired_ratio(ptimes["k2_on"], ptimes["k1_on"]),
+        "stats": pc.stats() if pc is not None else None,
     }
     paths = _paths(local)
     orch.close()
@@ -265,6 +320,21 @@ def main(argv: list[str] | None = None) -> int:
              yes(targets["adapter_merge_cached_over_single<=1.05"])],
         ],
     ))
+    pr = result["prefix_cache"]
+    if pr["enabled"]:
+        print()
+        ru = pr["reused_tokens"]
+        print(f"Prompt-prefix cache (experts stage, {pr['prompt_tokens']}-token prompts, blocks of {pr['block']} tokens: "
+              f"a new question reuses {ru['new_question']}, the same question {ru['same_question']}; "
+              "off = every prompt prefilled whole):")
+        print(C.table(
+            ["case", "cache on (s)", "cache off (s)", "off / on"],
+            [["k=1, new question", f"{pr['k1_on_s']:.2f}", f"{pr['k1_off_s']:.2f}", f"{pr['k1_off_over_on']:.2f}x"],
+             ["k=2, new question", f"{pr['k2_on_s']:.2f}", f"{pr['k2_off_s']:.2f}", f"{pr['k2_off_over_on']:.2f}x"],
+             ["k=1, the same question again", f"{pr['k1_repeat_s']:.2f}", f"{pr['k1_off_s']:.2f}",
+              f"{pr['k1_off_over_repeat']:.2f}x"]],
+        ))
+        print(f"k=2 / k=1: {pr['k2_over_k1_on']:.2f}x with the cache, {pr['k2_over_k1_off']:.2f}x without")
     print(f"paths: {paths}")
     print(C.machine_line(info))
 
@@ -277,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                         **{k: [round(x, 4) for x in v] for k, v in ask_times.items()}},
         "settings": {
             "quick": args.quick, "smoke": args.smoke, "reps": reps, "warmup_rounds": warm, "max_new_tokens": n_tok,
-            "eos": "suppressed (min_new_tokens = max_new_tokens)", "decoding": "greedy", "prompt": PROMPT,
+            "eos": "suppressed (min_new_tokens = max_new_tokens)", "decoding": "greedy",
+            "prompt": f"Ticket NNNN: {PROMPT}", "prompts": "a new ticket number every call",
             "order": "interleaved, alternating forward/reverse each round",
         },
         "routing": routing.to_dict(),
@@ -311,6 +382,7 @@ def _paths(local) -> dict:
         "fast_lora": fl is not None and fl.enabled, "merged_experts": fl.merged_experts if fl else 0,
         "quantize": opts.quantize if opts else "none", "cpu_kernel": bool(plan and getattr(plan, "kernel", False)),
         "lean_decode": getattr(local.base.model, "_expertmix_lean", None) is not None,
+        "prefix_cache_mb": opts.prefix_cache_mb if opts and getattr(local, "prefix", None) is not None else 0,
     }
 
 

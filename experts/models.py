@@ -51,6 +51,8 @@ class FastOptions:
     merged_experts: how many single experts keep merged weights (one copy of the projections each).
     lean_decode: decode steps of Llama-family models skip transformers' per-layer scaffolding (CPU only);
         with the CPU kernels loaded, the whole step runs in C (``backends/kernel_step.py``).
+    prefix_cache_mb: memory for the keys and values of prompt prefixes, per adapter, reused by later
+        prompts that start the same way (``backends/prefix_cache.py``); 0 turns it off.
     """
 
     quantize: str = "none"
@@ -58,6 +60,7 @@ class FastOptions:
     fast_lora: bool = True
     merged_experts: int = 2
     lean_decode: bool = True
+    prefix_cache_mb: int = 128
 
     @classmethod
     def of(cls, spec: Any) -> FastOptions:

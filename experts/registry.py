@@ -46,6 +46,7 @@ class BaseSpec:
     fast_lora: bool = True
     merged_experts: int = 2
     lean_decode: bool = True
+    prefix_cache_mb: int = 128
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,11 @@ def parse_base(table: Mapping[str, Any] | None, *, path: str) -> BaseSpec:
     return BaseSpec(model=model, device=device, dtype=dtype, **_parse_fast(table, path=path))
 
 
-_FAST_KEYS = ("quantize", "gemm", "fast_lora", "merged_experts", "lean_decode")
+_FAST_KEYS = ("quantize", "gemm", "fast_lora", "merged_experts", "lean_decode", "prefix_cache_mb")
 
 
 def _parse_fast(table: Mapping[str, Any], *, path: str) -> dict[str, Any]:
-    """The speed knobs of ``[base]``: quantize, gemm, fast_lora, merged_experts, lean_decode."""
+    """The speed knobs of ``[base]``: quantize, gemm, fast_lora, merged_experts, lean_decode, prefix_cache_mb."""
     out: dict[str, Any] = {}
     choices = {"quantize": ("none", "int8", "int4", "bf16"), "gemm": ("auto", "default", "wxt", "kernel")}
     for key, allowed in choices.items():
@@ -147,6 +148,11 @@ def _parse_fast(table: Mapping[str, Any], *, path: str) -> dict[str, Any]:
     if isinstance(merged, bool) or not isinstance(merged, int) or not 0 <= merged <= 64:
         raise ConfigError("must be an integer in [0, 64] (0 = never merge)", path=path, key="base.merged_experts")
     out["merged_experts"] = merged
+    mb = table.get("prefix_cache_mb", BaseSpec.prefix_cache_mb)
+    if isinstance(mb, bool) or not isinstance(mb, int) or not 0 <= mb <= 1 << 20:
+        raise ConfigError("must be an integer number of MiB in [0, 1048576] (0 = no prefix cache)", path=path,
+                          key="base.prefix_cache_mb")
+    out["prefix_cache_mb"] = mb
     return out
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from expertmix.errors import AdapterError, InputError, UnknownExpert
 from experts.backends.base import CancelToken, Generation, GenerationConfig
+from experts.backends.prefix_cache import PrefixCache, PromptBatch
 from experts.models import BaseModel, load_base
 from experts.prompts import Message
 from experts.registry import BASE_EXPERT, BaseSpec, ExpertSpec
@@ -45,6 +46,16 @@ def _cancel_criteria(cancels: Sequence[CancelToken | None]) -> Any:
             return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_Cancel()])
+
+
+def _cache_kwarg() -> str:
+    """The name ``generate`` takes a prefilled KV cache under: ``cache`` (transformers 5.x), else ``past_key_values``."""
+    import inspect
+
+    from transformers import GenerationMixin
+
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def validate_adapter_dir(path: Path, *, expert: str) -> dict[str, Any]:
@@ -122,6 +133,10 @@ class LocalBackend:
         from experts.backends.merged import MergedAdapterCache
 
         self.merged = MergedAdapterCache(self)
+        mb = base.options.prefix_cache_mb
+        #: keys and values of prompt prefixes per adapter (prefix_cache.py); None when ``prefix_cache_mb = 0``
+        self.prefix: PrefixCache | None = PrefixCache(max_bytes=mb << 20) if mb > 0 else None
+        self._cache_kw = _cache_kwarg()
 
     @classmethod
     def from_specs(cls, base: BaseSpec, experts: Sequence[ExpertSpec] = ()) -> LocalBackend:
@@ -160,9 +175,16 @@ class LocalBackend:
             self._peft = True
         else:
             self.model.load_adapter(str(spec.adapter), adapter_name=spec.name, is_trainable=False)
+        self._adapter_changed(spec.name)
         from experts.backends.fast_lora import install_fast_paths
 
         install_fast_paths(self)  # batched LoRA (docs/performance.md); idempotent, extends to new layers
+
+    def _adapter_changed(self, name: str) -> None:
+        """An adapter was (re)loaded or deleted: the cached prompt prefixes computed with it are stale."""
+        prefix = getattr(self, "prefix", None)
+        if prefix is not None:
+            prefix.forget(name)
 
     def add_expert(self, spec: ExpertSpec) -> None:
         """Load one more adapter onto the shared base (e.g. after training)."""
@@ -215,6 +237,22 @@ class LocalBackend:
             mask[i, width - len(p) :] = 1
         dev = self.base.device
         return ids.to(dev), mask.to(dev)
+
+    def _prompt_batch(self, names: Sequence[str], prompts: Sequence[list[int]]) -> PromptBatch:
+        """Inputs of one ``generate`` call: each row's cached prompt prefix (its adapter's) is reused."""
+        if self.prefix is None:
+            ids, mask = self.batch_inputs(prompts)
+            return PromptBatch(ids, mask, None, 0)
+        return self.prefix.prepare(self.model, names, prompts, self.tokenizer.pad_token_id, self.base.device)
+
+    def _generate(self, batch: PromptBatch, **kw: Any) -> Any:
+        """``model.generate`` on ``batch`` (under the lock); its prompts' new prefix blocks are kept."""
+        if batch.cache is not None:
+            kw[self._cache_kw] = batch.cache
+        out = self.model.generate(input_ids=batch.ids, attention_mask=batch.mask, **kw)
+        if batch.cache is not None and self.prefix is not None:
+            self.prefix.store(batch, batch.cache)
+        return out
 
     def generate_kwargs(self, config: GenerationConfig) -> dict[str, Any]:
         kw: dict[str, Any] = {
@@ -281,7 +319,7 @@ class LocalBackend:
         prompts = [self.encode_prompt(m) for _, m in requests]
         for p in prompts:
             self._check_length(len(p), config.max_new_tokens)
-        ids, mask = self.batch_inputs(prompts)
+        batch = self._prompt_batch([name for name, _ in requests], prompts)
         kw = self.generate_kwargs(config)
         if self._peft:
             kw["adapter_names"] = [name for name, _ in requests]
@@ -292,9 +330,9 @@ class LocalBackend:
         with self._lock, torch.inference_mode():
             if config.seed is not None:
                 torch.manual_seed(config.seed)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
+            out = self._generate(batch, **kw)
         latency = time.perf_counter() - t0
-        new = out[:, ids.shape[1] :].tolist()
+        new = out[:, batch.ids.shape[1] :].tolist()
         gens = []
         for (name, _), p, row, c in zip(requests, prompts, new, cancels):
             text, n, finish = self._decode(row, config)
@@ -316,7 +354,6 @@ class LocalBackend:
         self.check_expert(expert)
         prompt = self.encode_prompt(messages)
         self._check_length(len(prompt), config.max_new_tokens)
-        ids, mask = self.batch_inputs([prompt])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1)
         own = CancelToken(parent=cancel)
         kw = self.generate_kwargs(config)
@@ -332,7 +369,8 @@ class LocalBackend:
                         return
                     if config.seed is not None:
                         torch.manual_seed(config.seed)
-                    self.model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kw)
+                    # the prefix lookup under the lock: blocks stored by the generation before this one count
+                    self._generate(self._prompt_batch([expert], [prompt]), streamer=streamer, **kw)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
                 errors.append(exc)
             finally:

@@ -73,9 +73,11 @@ class MergedAdapterCache:
                     combination_type="cat",
                 )
                 b.model.eval()
+                b._adapter_changed(name)
             self._lru[key] = name
             while len(self._lru) > self.max_size:
                 _, old = self._lru.popitem(last=False)
                 with b._lock:
                     b.model.delete_adapter(old)
+                    b._adapter_changed(old)
             return name

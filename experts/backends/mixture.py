@@ -71,7 +71,7 @@ def mixture_generate(
     w = torch.tensor([x / total for _, x in items], device=backend.base.device)
     prompt = backend.encode_prompt(messages)
     backend._check_length(len(prompt), config.max_new_tokens)
-    ids, mask = backend.batch_inputs([prompt] * len(items))
+    batch = backend._prompt_batch([n for n, _ in items], [prompt] * len(items))
     # the processor picks the token itself: transformers decodes greedily over its one-hot scores;
     # every other option (repetition penalty, stop strings, deadline) is the request's own
     kw = backend.generate_kwargs(replace(config, temperature=0.0, top_p=1.0, seed=None))
@@ -86,11 +86,11 @@ def mixture_generate(
     kw["logits_processor"] = LogitsProcessorList([_processor(w, config, gen)])
     t0 = time.perf_counter()
     with backend._lock, torch.inference_mode():
-        out = backend.model.generate(input_ids=ids, attention_mask=mask, **kw)
+        out = backend._generate(batch, **kw)
     latency = time.perf_counter() - t0
     if cancel is not None and cancel.cancelled:
         raise cancel.error(expert="+".join(n for n, _ in items), what="mixture generation")
-    row = out[0, ids.shape[1] :].tolist()
+    row = out[0, batch.ids.shape[1] :].tolist()
     text, n_tokens, finish = backend._decode(row, config)
     return Generation(
         "+".join(n for n, _ in items),
