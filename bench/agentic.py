@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     C.set_threads(args.threads)
     assert om.local is not None
     C.force_length(om.local)
+    # each question repeats across rounds: the prompt-prefix cache would serve all but its last block on both
+    # sides; off, every round computes its prompts as a new question would (bench/speed.py measures the cache)
+    om.local.prefix = None
     info = C.machine_info()
     strategy = om.settings.strategy
 

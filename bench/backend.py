@@ -214,12 +214,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from experts.backends.base import GenerationConfig
     from experts.backends.local import LocalBackend
-    from experts.models import load_base
+    from experts.models import FastOptions, load_base
     from experts.registry import ExpertSpec
 
     adapters, kind = C.resolve_adapters(args.adapters)
     specs = [ExpertSpec(name=d, adapter=adapters / d) for d in C.DOMAINS]
-    local = LocalBackend(load_base(), specs)
+    # every round repeats one prompt: the prompt-prefix cache would serve all of it but its last block, and
+    # the prefill column is about computing a prompt (bench/speed.py measures the cache)
+    local = LocalBackend(load_base(options=FastOptions(prefix_cache_mb=0)), specs)
     C.set_threads(args.threads)
     info = C.machine_info()
     C.force_length(local)
@@ -303,10 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     quant: dict[str, dict[str, Any]] = {}
     quantized: dict[str, tuple[Any, StepTimer]] = {}
     for mode in [m for m in ("int8", "int4") if getattr(args, m) and not args.smoke]:
-        from experts.models import FastOptions
-
         C.log(f"[4/4] {mode} base: load, tokens/s vs float32, NLL on val samples ...")
-        q = LocalBackend(load_base(options=FastOptions(quantize=mode)), specs)
+        q = LocalBackend(load_base(options=FastOptions(quantize=mode, prefix_cache_mb=0)), specs)
         C.force_length(q)
         quantized[mode] = (q, StepTimer(q.base.model))
         quant[mode] = _quant_section(mode, local, timer, *quantized[mode], msgs, cfg, reps, warm, bw,

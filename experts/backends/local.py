@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from expertmix.errors import AdapterError, InputError, UnknownExpert
 from experts.backends.base import CancelToken, Generation, GenerationConfig
 from experts.backends.prefix_cache import PrefixCache, PromptBatch
+from experts.backends.prefix_cache import unsupported_reason as prefix_unsupported
 from experts.models import BaseModel, load_base
 from experts.prompts import Message
 from experts.registry import BASE_EXPERT, BaseSpec, ExpertSpec
@@ -135,7 +136,12 @@ class LocalBackend:
         self.merged = MergedAdapterCache(self)
         mb = base.options.prefix_cache_mb
         #: keys and values of prompt prefixes per adapter (prefix_cache.py); None when ``prefix_cache_mb = 0``
-        self.prefix: PrefixCache | None = PrefixCache(max_bytes=mb << 20) if mb > 0 else None
+        self.prefix: PrefixCache | None = None
+        why = prefix_unsupported(self.model) if mb > 0 else None
+        if mb > 0 and why is None:
+            self.prefix = PrefixCache(max_bytes=mb << 20)
+        elif why is not None:
+            logger.info("prompt-prefix cache off for %s: %s", base.name, why)
         self._cache_kw = _cache_kwarg()
 
     @classmethod

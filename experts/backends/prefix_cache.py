@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PrefixCache", "PromptBatch"]
+__all__ = ["PrefixCache", "PromptBatch", "unsupported_reason"]
 
 _Key = tuple[str, int, tuple[int, ...]]  # (adapter, id of the block before, this block's tokens)
 
@@ -218,6 +218,24 @@ class PrefixCache:
         while self.bytes > self.max_bytes and self._blocks:
             _, blk = self._blocks.popitem(last=False)
             self.bytes -= blk.nbytes
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why prompt prefixes of ``model`` cannot be reused, or None when they can.
+
+    A sliding-window layer keeps only its last tokens, so a prompt's columns would not stay where
+    :class:`PromptBatch` put them; a recurrent (linear) cache has no per-token keys and values."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return "no model config"
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    if any(t != "full_attention" for t in layer_types):
+        return "layers other than full attention"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    return None
 
 
 def _new_cache(model: Any) -> Any:

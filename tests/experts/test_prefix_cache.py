@@ -146,3 +146,17 @@ def test_prefix_cache_config_is_validated() -> None:
     for bad in (-1, "64", 1.5, True):
         with pytest.raises(ConfigError, match="prefix_cache_mb"):
             parse_base({"prefix_cache_mb": bad}, path="x.toml")
+
+
+def test_models_whose_cache_drops_tokens_are_not_cached() -> None:
+    from types import SimpleNamespace
+
+    from experts.backends.prefix_cache import unsupported_reason
+
+    def model(**cfg: Any) -> Any:
+        return SimpleNamespace(config=SimpleNamespace(**cfg))
+
+    assert unsupported_reason(model(layer_types=["full_attention"] * 2)) is None
+    assert unsupported_reason(model(sliding_window=4096, use_sliding_window=False)) is None  # Qwen2's default
+    assert "full attention" in unsupported_reason(model(layer_types=["sliding_attention", "full_attention"]))
+    assert "sliding" in unsupported_reason(model(sliding_window=4096))
