@@ -16,7 +16,8 @@ are medians of per-round ratios. The machine is shared and noisy: compare ratios
 2. mixed adapters: 3 rows on 3 adapters vs the same 3 rows on one adapter (chosen paths; and
    both on the batched-LoRA kernel, merged weights off; and peft's loop).
 3. roofline: bytes of weights read per step / a large-copy bandwidth probe, vs the measured
-   single-expert step (``roofline_fraction``).
+   single-expert step (``roofline_fraction``: median over rounds of that round's roofline step,
+   from a copy probe run inside section 1's round, / that round's single-expert step).
 4. int8 weight-only base (``[base] quantize = "int8"``, LoRA in float32 on top): single-expert
    tokens/s vs float32, and per-token NLL of each domain's val responses for the base and every
    expert (``int8_nll_delta`` = the largest relative change). Opt-in (``--int8``): on this AVX2 CPU
@@ -112,6 +113,27 @@ def paths(local: Any, *, lora: str = "fast", merged: bool = True, gemm: bool = T
             ld.enabled, ld.kernel_step = keep_lean
         if kern is not None:
             kern.enabled = keep_kern
+
+
+def copy_probe(mb: int = 256, reps: int = 3) -> Any:
+    """A callable timing one large copy (median of ``reps``), as a variant of an interleaved round:
+    returns ``(0.0, seconds)`` like :meth:`StepTimer.split`; GB/s = ``2 * mb MiB / seconds``."""
+    import torch
+
+    a = torch.ones(mb * 1024 * 1024 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+
+    def f() -> tuple[float, float]:
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            b.copy_(a)
+            ts.append(time.perf_counter() - t)
+        return 0.0, statistics.median(ts)
+
+    f.bytes = 2 * a.numel() * 4  # type: ignore[attr-defined]  # read + write
+    return f
 
 
 def bandwidth_gbs(mb: int = 256, reps: int = 5, *, device: str = "cpu", sync: Any = None) -> float:
@@ -248,8 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     fns["experts_k1_mkl"] = measure(experts_k[1], kernel=False)  # chosen paths but MKL's products
     fns["experts_k1_python_step"] = measure(experts_k[1], c_step=False)  # the lean step in Python, kernel products
     fns["experts_k2_mkl"] = measure(experts_k[2], kernel=False)
-    C.log(f"[1/4] decode step: {len(fns)} variants x {reps} rounds, {n_tok} tokens ...")
+    # the roofline's bandwidth, measured in every round beside the steps it divides (the copy bandwidth of
+    # this shared host moved 14-21 GB/s between runs; one probe at another time mismatched the steps)
+    probe = fns["copy_probe"] = copy_probe(64 if args.smoke else 256)
+    C.log(f"[1/4] decode step: {len(fns) - 1} variants + a copy probe x {reps} rounds, {n_tok} tokens ...")
     _, res = _interleaved_results(fns, reps, warm)
+    copies = [s for _, s in res.pop("copy_probe")]
     step = {n: C.med([s for _, s in v]) for n, v in res.items()}
     prefill = {n: C.med([p for p, _ in v]) for n, v in res.items()}
 
@@ -280,14 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # -- 3. roofline ------------------------------------------------------------------------------------------
-    C.log("[3/4] bandwidth probe ...")
-    bw = bandwidth_gbs(64 if args.smoke else 256)
+    bws = [probe.bytes / c / 1e9 for c in copies]
+    bw = C.med(bws)
     nbytes = weight_bytes(local.base.model)
     roof_s = nbytes / (bw * 1e9)
+    roofs = [nbytes / (x * 1e9) for x in bws]  # each round's roofline step, from that round's probe
     one = step["experts_k1"]
-    roofline = {"bandwidth_gbs": bw, "weight_bytes": nbytes, "roofline_step_ms": roof_s * 1e3,
-                "single_expert_step_ms": one * 1e3, "fraction": roof_s / one,
-                "base_step_ms": step["base_k1"] * 1e3, "base_fraction": roof_s / step["base_k1"],
+    roofline = {"bandwidth_gbs": bw, "bandwidth_gbs_rounds": [round(x, 2) for x in bws], "weight_bytes": nbytes,
+                "roofline_step_ms": roof_s * 1e3,
+                "single_expert_step_ms": one * 1e3,
+                "fraction": C.paired_ratio(roofs, [s for _, s in res["experts_k1"]]),
+                "base_step_ms": step["base_k1"] * 1e3,
+                "base_fraction": C.paired_ratio(roofs, [s for _, s in res["base_k1"]]),
                 "single_expert_transformers_step_ms": step["experts_k1_transformers_step"] * 1e3,
                 "lean_over_transformers_step": C.paired_ratio([s for _, s in res["experts_k1"]],
                                                               [s for _, s in res["experts_k1_transformers_step"]]),

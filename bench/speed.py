@@ -24,8 +24,9 @@ round, and reports medians; ratios are medians of per-round ratios.
    weights (first call) and at cached weights, vs the top expert alone.
 5. **prefix cache** (``[base] prefix_cache_mb``): time to the first token (prefill + one step)
    of the experts stage at k = 1 and 2 with the prompt-prefix cache on vs off (a new question
-   each call), and k = 1 asking the same question again (everything but its last block reused);
-   3x the rounds of the other sections (each call is short).
+   each call), k = 1 asking the same question again (everything but its last block reused), and
+   k = 1 on a conversation's second turn (a new first turn each round, untimed; its prompt and
+   answer are cached); 3x the rounds of the other sections (each call is short).
 
 Every call asks a question never asked before ("Ticket NNNN: " + the question): the prompt-prefix
 cache then reuses the chat template's start, as for any new question, and never a whole repeated
@@ -252,6 +253,33 @@ def main(argv: list[str] | None = None) -> int:
             "k2_off": cached_stage(2, False), "k1_repeat": cached_stage(1, True, repeated)}
     C.log(f"[5/5] prefix cache: 5 variants x {3 * reps} rounds ...")
     ptimes, _ = C.interleaved(pfns, reps=3 * reps, warmup=warm)
+    # the next turn of a conversation: a new first turn each round (cache on, untimed; its prompt and answer
+    # are stored), then the second turn timed with the cache on and off, in alternating order
+    follow = {"role": "user", "content": "And what should we do first? One sentence."}
+    turn_times: dict[str, list[float]] = {"on": [], "off": []}
+    turn_reused = turn_tokens = 0
+
+    def second_turn(turn2, on: bool) -> float:
+        local.prefix = pc if on else None
+        try:
+            t = time.perf_counter()
+            orch.pool.run([(order[0], turn2)], cfg_first)
+            return time.perf_counter() - t
+        finally:
+            local.prefix = pc
+
+    if pc is not None:
+        for r in range(warm + 3 * reps):
+            m = new_messages()
+            answer = orch.pool.run([(order[0], m)], cfg)[0].generation.text
+            turn2 = [*m, {"role": "assistant", "content": answer}, follow]
+            turn_tokens = len(local.encode_prompt(turn2))
+            turn_reused = pc.cached_tokens(order[0], local.encode_prompt(turn2))
+            sides = ("on", "off") if r % 2 == 0 else ("off", "on")
+            got = {side: second_turn(turn2, side == "on") for side in sides}
+            if r >= warm:
+                for side in sides:
+                    turn_times[side].append(got[side])
     n_prompt = local.check_prompt(new_messages(), n_tok)
     result["prefix_cache"] = {
         "enabled": pc is not None, "prompt_tokens": n_prompt, "max_new_tokens": 1, "rounds": 3 * reps,
@@ -259,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         "reused_tokens": {  # per row: a new question, the same question again
             "new_question": pc.cached_tokens(order[0], local.encode_prompt(new_messages())) if pc is not None else 0,
             "same_question": pc.cached_tokens(order[0], local.encode_prompt(repeated)) if pc is not None else 0,
+            "next_turn": turn_reused,
         },
+        "next_turn_prompt_tokens": turn_tokens,
+        "next_turn_on_s": C.med(turn_times["on"]) if turn_times["on"] else None,
+        "next_turn_off_s": C.med(turn_times["off"]) if turn_times["off"] else None,
+        "next_turn_off_over_on": C.paired_ratio(turn_times["off"], turn_times["on"]) if turn_times["on"] else None,
         **{f"{v}_s": C.med(ptimes[v]) for v in pfns},
         "k1_off_over_on": C.paired_ratio(ptimes["k1_off"], ptimes["k1_on"]),
         "k2_off_over_on": C.paired_ratio(ptimes["k2_off"], ptimes["k2_on"]),
@@ -282,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "ask_k3_over_k1": asks["3"]["total_over_k1"],
         "prefix_ttft_k1_off_over_on": result["prefix_cache"]["k1_off_over_on"],
         "prefix_ttft_k2_off_over_on": result["prefix_cache"]["k2_off_over_on"],
+        "prefix_ttft_next_turn_off_over_on": result["prefix_cache"]["next_turn_off_over_on"],
     }
     targets = {
         "k2_over_k1<=1.15": summary["k2_over_k1"] <= 1.15,
@@ -337,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             [["k=1, new question", f"{pr['k1_on_s']:.2f}", f"{pr['k1_off_s']:.2f}", f"{pr['k1_off_over_on']:.2f}x"],
              ["k=2, new question", f"{pr['k2_on_s']:.2f}", f"{pr['k2_off_s']:.2f}", f"{pr['k2_off_over_on']:.2f}x"],
              ["k=1, the same question again", f"{pr['k1_repeat_s']:.2f}", f"{pr['k1_off_s']:.2f}",
-              f"{pr['k1_off_over_repeat']:.2f}x"]],
+              f"{pr['k1_off_over_repeat']:.2f}x"],
+             [f"k=1, a conversation's next turn ({ru['next_turn']} of {pr['next_turn_prompt_tokens']} tokens reused)",
+              f"{pr['next_turn_on_s']:.2f}", f"{pr['next_turn_off_s']:.2f}", f"{pr['next_turn_off_over_on']:.2f}x"]],
         ))
         print(f"k=2 / k=1: {pr['k2_over_k1_on']:.2f}x with the cache, {pr['k2_over_k1_off']:.2f}x without")
     print(f"paths: {paths}")

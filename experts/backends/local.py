@@ -248,7 +248,7 @@ class LocalBackend:
         """Inputs of one ``generate`` call: each row's cached prompt prefix (its adapter's) is reused."""
         if self.prefix is None:
             ids, mask = self.batch_inputs(prompts)
-            return PromptBatch(ids, mask, None, 0)
+            return PromptBatch(ids, mask, None)
         return self.prefix.prepare(self.model, names, prompts, self.tokenizer.pad_token_id, self.base.device)
 
     def _generate(self, batch: PromptBatch, **kw: Any) -> Any:
@@ -257,8 +257,16 @@ class LocalBackend:
             kw[self._cache_kw] = batch.cache
         out = self.model.generate(input_ids=batch.ids, attention_mask=batch.mask, **kw)
         if batch.cache is not None and self.prefix is not None:
-            self.prefix.store(batch, batch.cache)
+            self.prefix.store(batch, batch.cache, self._decoded_with_kv(out, batch.ids.shape[1]))
         return out
+
+    def _decoded_with_kv(self, out: torch.Tensor, width: int) -> list[list[int]]:
+        """Each row's decoded tokens up to its end of sequence whose keys and values the cache holds: all but
+        the last step's (a conversation's next turn re-sends the answer, so its blocks are worth keeping)."""
+        steps = out.shape[1] - width
+        rows = out[:, width : width + max(steps - 1, 0)].tolist()
+        stop = set(self._eos_ids())
+        return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
 
     def generate_kwargs(self, config: GenerationConfig) -> dict[str, Any]:
         kw: dict[str, Any] = {

@@ -15,12 +15,14 @@ Bounded: least recently used blocks go first once ``max_bytes`` is reached (a pr
 blocks are evicted before its earlier ones). Whatever changes an adapter's weights clears the
 blocks computed with them (:meth:`PrefixCache.forget`, :meth:`PrefixCache.clear`).
 
-Batches: every row of a batch reuses the same number of tokens (the fewest any row has cached);
-the rest of each prompt is left-padded after that shared part, so the attention mask may have a
-hole between a row's cached prefix and its new tokens (position ids follow the mask, as
-transformers' ``generate`` computes them). Rows keep their own results: the cached keys and values
-are those the same prompt would have produced (to float rounding: greedy tokens identical, logits
-within 1e-4, tests/experts/test_prefix_cache.py).
+Batches: each row reuses what its own adapter has cached. Row ``i`` becomes ``[pad][its cached
+tokens][pad][the rest of its prompt]`` (cached parts right-aligned in the columns the cache
+supplies, the rests left-padded after them), so the attention mask may have a hole between a row's
+cached prefix and its new tokens; position ids follow the mask, as transformers' ``generate``
+computes them. Rows keep their own results: the cached keys and values are those the same prompt
+would have produced (to float rounding: greedy tokens identical, logits within 1e-4,
+tests/experts/test_prefix_cache.py). Sliding-window and recurrent caches are not supported
+(:func:`unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class PromptBatch:
         return max(self.reused, default=0)
 
     def column(self, row: int, token: int) -> int:
-        """The column of prompt token ``token`` of row ``row``."""
+        """The column of token ``token`` of row ``row`` (at or past the prompt's end: a generated token)."""
         h, c = self.reused[row], self.cached
         if token < h:
             return c - h + token
@@ -165,9 +167,13 @@ class PrefixCache:
         return PromptBatch(ids.to(device), mask.to(device), cache, reused, list(keys), [list(p) for p in prompts])
 
     # -- store ------------------------------------------------------------------------------------------
-    def store(self, batch: PromptBatch, cache: Any) -> int:
-        """Keep the full blocks of every row's prompt from ``cache`` (the one ``batch`` started ``generate``
-        with, now holding the whole prompt); returns how many new blocks were stored."""
+    def store(self, batch: PromptBatch, cache: Any, generated: Sequence[Sequence[int]] | None = None) -> int:
+        """Keep the full blocks of every row's tokens from ``cache`` (the one ``batch`` started ``generate``
+        with, now holding the prompts and what was decoded after them); returns how many new blocks were stored.
+
+        ``generated``: each row's decoded tokens whose keys and values are in ``cache`` (the last token
+        decoded never went through the model), so a conversation's next turn, which re-sends this answer,
+        finds it cached too."""
         import torch
 
         layers = getattr(cache, "layers", None)
@@ -177,7 +183,11 @@ class PrefixCache:
         stored = 0
         with self._lock:
             for row, (adapter, prompt) in enumerate(zip(batch.keys, batch.prompts)):
+                if generated is not None:
+                    prompt = [*prompt, *generated[row]]
                 end = len(prompt) // b * b
+                if end and batch.column(row, end - 1) >= layers[0].keys.shape[2]:
+                    continue  # not all of it is in the cache: store nothing of this row
                 known = self._chain(adapter, prompt, end)
                 first = len(known) * b
                 if first >= end:

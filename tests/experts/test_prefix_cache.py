@@ -160,3 +160,19 @@ def test_models_whose_cache_drops_tokens_are_not_cached() -> None:
     assert unsupported_reason(model(sliding_window=4096, use_sliding_window=False)) is None  # Qwen2's default
     assert "full attention" in unsupported_reason(model(layer_types=["sliding_attention", "full_attention"]))
     assert "sliding" in unsupported_reason(model(sliding_window=4096))
+
+
+def test_the_next_turn_of_a_conversation_reuses_the_answer(local_backend: Any) -> None:
+    cfg = GenerationConfig(max_new_tokens=12)
+    follow = {"role": "user", "content": "Say that again in one sentence."}
+    with prefix_cache(local_backend, None):
+        first = local_backend.generate([("engineering", Q1)], cfg)[0].text
+        turn2 = [*Q1, {"role": "assistant", "content": first}, follow]
+        ref = local_backend.generate([("engineering", turn2)], cfg)[0].text
+    with prefix_cache(local_backend, PrefixCache(max_bytes=64 << 20, block=8)) as pc:
+        assert pc is not None
+        assert local_backend.generate([("engineering", Q1)], cfg)[0].text == first
+        # the answer's tokens were decoded after the prompt: their blocks are cached too
+        asked = len(local_backend.encode_prompt(Q1))
+        assert pc.cached_tokens("engineering", local_backend.encode_prompt(turn2)) > asked
+        assert local_backend.generate([("engineering", turn2)], cfg)[0].text == ref
