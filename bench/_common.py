@@ -101,7 +101,7 @@ def adapter_info(adapters: Path, kind: str, names: Sequence[str] = DOMAINS) -> d
     }
 
 
-def config_with_adapters(adapters: Path, **orchestrator: Any):  # noqa: ANN201
+def config_with_adapters(adapters: Path, **orchestrator: Any):
     """The shipped config with its experts' adapters pointed at ``adapters/<name>``."""
     from orchestrator.config import load_config
 
@@ -194,7 +194,7 @@ def machine_info() -> dict[str, Any]:
         pass
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5, check=False
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""

@@ -189,7 +189,7 @@ def _load_llm() -> tuple[Any, Any, str]:
 
         model, tok = load_base()
         return model, tok, "experts.models.load_base()"
-    except Exception:  # noqa: BLE001 - teammate module may not exist yet
+    except Exception:  # noqa: BLE001, S110 - teammate module may not exist yet
         pass
     import importlib.util
 

@@ -58,7 +58,7 @@ def _free_port() -> int:
 
 def _pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, max(0, int(round(q * len(s) + 0.5)) - 1))]
+    return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
 
 
 def adapters(work: Path) -> tuple[dict[str, Path], str, Path]:

@@ -118,7 +118,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        except Exception as exc:  # noqa: BLE001 - third-party boundary
+        except Exception as exc:
             raise ModelError(f"cannot load GGUF {gguf}: {exc}") from exc
         # The GGUF quantizer is only a loader here: the weights are already de-quantized
         # to float32, so detach it to make the model serializable and trainable.
@@ -222,7 +222,7 @@ def load_base(
     try:
         tok = AutoTokenizer.from_pretrained(path)
         mdl = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - third-party boundary
+    except Exception as exc:
         raise ModelError(f"cannot load base model {model!s} from {path}: {exc}") from exc
     mdl.to(dev)
     mdl.eval()
